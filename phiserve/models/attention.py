@@ -1,0 +1,81 @@
+"""Attention over the paged KV cache.
+
+The cache of one layer is a flat tensor of slots ``[num_blocks * block_size, num_kv_heads, head_dim]``;
+a slot index is ``block_id * block_size + offset``. The runner builds one ``AttentionMetadata`` per
+step, shared by every layer, so per-layer work is only the cache write, one gather and SDPA calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillSpan:
+    """One sequence's chunk of new tokens inside the flattened batch."""
+
+    start: int  # first row of the chunk in the flattened batch
+    length: int  # number of new tokens
+    context_slots: torch.Tensor | None  # [context_len] cache slots incl. the chunk; None = no cached prefix
+    mask: torch.Tensor | None  # [length, context_len] bool, True = attend; None when context_slots is None
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] cache slot written by each new token
+    decode_rows: torch.Tensor | None = None  # [B] rows of the batch that are single-token decodes
+    decode_slots: torch.Tensor | None = None  # [B, max_ctx] cache slots of each decode's context (padded)
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_ctx] bool, True = attend
+    prefills: tuple[PrefillSpan, ...] = ()
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor | None,
+    v_cache: torch.Tensor | None,
+    meta: AttentionMetadata | None,
+    scale: float,
+) -> torch.Tensor:
+    """q: [T, H, D]; k, v: [T, KVH, D]. Returns [T, H, D].
+
+    Without a cache (``meta`` None) the whole input is one causal sequence: the reference path.
+    """
+    if meta is None or k_cache is None:
+        return _causal(q, k, v, scale)
+    k_cache[meta.slot_mapping] = k
+    v_cache[meta.slot_mapping] = v
+    out = torch.empty_like(q)
+    if meta.decode_rows is not None:
+        qd = q[meta.decode_rows].unsqueeze(2)  # [B, H, 1, D]
+        kd = k_cache[meta.decode_slots].transpose(1, 2)  # [B, KVH, ctx, D]
+        vd = v_cache[meta.decode_slots].transpose(1, 2)
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True)
+        out[meta.decode_rows] = od.squeeze(2)
+    for span in meta.prefills:
+        rows = slice(span.start, span.start + span.length)
+        if span.context_slots is None:
+            out[rows] = _causal(q[rows], k[rows], v[rows], scale)
+        else:
+            qs = q[rows].transpose(0, 1).unsqueeze(0)
+            ks = k_cache[span.context_slots].transpose(0, 1).unsqueeze(0)
+            vs = v_cache[span.context_slots].transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=span.mask, scale=scale, enable_gqa=True)
+            out[rows] = o.squeeze(0).transpose(0, 1)
+    return out
+
+
+def _causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    o = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0),
+        k.transpose(0, 1).unsqueeze(0),
+        v.transpose(0, 1).unsqueeze(0),
+        is_causal=True,
+        scale=scale,
+        enable_gqa=True,
+    )
+    return o.squeeze(0).transpose(0, 1)
