@@ -1,0 +1,3 @@
+from phiserve.cli import app
+
+app()

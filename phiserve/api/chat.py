@@ -1,0 +1,123 @@
+"""POST /v1/chat/completions: messages -> chat template -> token ids -> engine -> response or SSE."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from phiserve.api.errors import OpenAIError
+from phiserve.api.generation import check_model, new_id, now, run_until_disconnect, sampling_params, token_logprob_entry
+from phiserve.api.protocol import ChatCompletionRequest
+from phiserve.api.usage import usage_dict
+from phiserve.engine.llm_engine import ChoiceOutput
+from phiserve.host import ModelHost
+from phiserve.tokenizer.chat_template import TemplateError
+
+
+def template_messages(req: ChatCompletionRequest) -> list[dict]:
+    out = []
+    for m in req.messages:
+        role = "system" if m.role == "developer" else m.role
+        out.append({"role": role, "content": m.text})
+    return out
+
+
+def render_prompt(req: ChatCompletionRequest, host: ModelHost) -> list[int]:
+    try:
+        text = host.template.render(template_messages(req), add_generation_prompt=True)
+    except TemplateError as exc:
+        raise OpenAIError(400, f"The chat template rejected the messages: {exc}", param="messages") from exc
+    return host.tokenizer.encode(text)
+
+
+async def create_chat_completion(req: ChatCompletionRequest, request: Request, host: ModelHost) -> JSONResponse | StreamingResponse:
+    check_model(req, host)
+    if req.top_logprobs and not req.logprobs:
+        raise OpenAIError(400, "top_logprobs requires logprobs to be true.", param="top_logprobs", code="invalid_value")
+    if req.tool_choice not in (None, "none", "auto") or req.tools:
+        raise OpenAIError(400, "tools and tool_choice other than 'none'/'auto' are not supported yet.", param="tools", code="unsupported_parameter")
+    if req.response_format is not None and req.response_format.type != "text":
+        raise OpenAIError(400, "response_format other than 'text' is not supported yet.", param="response_format", code="unsupported_parameter")
+    prompt_ids = render_prompt(req, host)
+    params = sampling_params(req, host, len(prompt_ids), req.requested_max_tokens, req.logprobs, req.top_logprobs or 0)
+    request_id = new_id("chatcmpl")
+    outputs = host.engine.generate(request_id, prompt_ids, params, req.n)
+    if req.stream:
+        return StreamingResponse(_stream(req, host, request_id, outputs), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    results = await run_until_disconnect(request, outputs)
+    return JSONResponse(_response(req, host, request_id, results))
+
+
+def _response(req: ChatCompletionRequest, host: ModelHost, request_id: str, results: list[ChoiceOutput]) -> dict:
+    texts = [""] * req.n
+    logprobs: list[list[dict]] = [[] for _ in range(req.n)]
+    finals: dict[int, ChoiceOutput] = {}
+    for out in results:
+        texts[out.index] += out.text
+        logprobs[out.index].extend(token_logprob_entry(host, lp) for lp in out.logprobs)
+        if out.finish_reason is not None:
+            finals[out.index] = out
+    choices = []
+    for i in range(req.n):
+        choices.append(
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": texts[i], "refusal": None},
+                "logprobs": {"content": logprobs[i], "refusal": None} if req.logprobs else None,
+                "finish_reason": finals[i].finish_reason,
+            }
+        )
+    prompt_tokens = finals[0].num_prompt_tokens
+    completion_tokens = sum(f.num_output_tokens for f in finals.values())
+    return {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": now(),
+        "model": host.name,
+        "choices": choices,
+        "usage": usage_dict(prompt_tokens, completion_tokens, host.prices, finals[0].num_cached_tokens),
+        "system_fingerprint": None,
+    }
+
+
+def sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def _stream(req: ChatCompletionRequest, host: ModelHost, request_id: str, outputs: AsyncIterator[ChoiceOutput]) -> AsyncIterator[str]:
+    created = now()
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
+    completion_tokens = [0] * req.n
+    prompt_tokens = 0
+    cached_tokens = 0
+    remaining = req.n
+
+    def chunk(index: int, delta: dict, finish_reason: str | None = None, logprobs: list[dict] | None = None, usage: dict | None = None) -> str:
+        choice = {"index": index, "delta": delta, "logprobs": {"content": logprobs, "refusal": None} if logprobs is not None else None, "finish_reason": finish_reason}
+        return sse({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": host.name, "system_fingerprint": None, "choices": [choice], "usage": usage})
+
+    def usage() -> dict:
+        return usage_dict(prompt_tokens, sum(completion_tokens), host.prices, cached_tokens)
+
+    try:
+        for i in range(req.n):
+            yield chunk(i, {"role": "assistant", "content": ""}, usage=usage() if continuous else None)
+        async for out in outputs:
+            prompt_tokens, cached_tokens = out.num_prompt_tokens, out.num_cached_tokens
+            completion_tokens[out.index] = out.num_output_tokens
+            logprobs = [token_logprob_entry(host, lp) for lp in out.logprobs] if req.logprobs and out.logprobs else None
+            if out.text or logprobs:
+                yield chunk(out.index, {"content": out.text}, logprobs=logprobs, usage=usage() if continuous else None)
+            if out.finish_reason is not None:
+                remaining -= 1
+                # Like the hosted provider, the last chunk with a finish_reason carries usage.
+                yield chunk(out.index, {}, out.finish_reason, usage=usage() if (remaining == 0 or continuous) else None)
+        if include_usage:
+            yield sse({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": host.name, "system_fingerprint": None, "choices": [], "usage": usage()})
+        yield sse("[DONE]")
+    finally:
+        await outputs.aclose()

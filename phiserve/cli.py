@@ -1,0 +1,64 @@
+"""Command line: `phiserve serve [--model M] [--host H] [--port P] [--served-model-name NAME] ...`."""
+
+from __future__ import annotations
+
+import logging
+
+import typer
+
+from phiserve.engine.llm_engine import EngineConfig
+from phiserve.host import ServeOptions
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="OpenAI-compatible server for Phi-4 and Llama-family models.")
+
+
+@app.command()
+def serve(
+    model: str = typer.Option(None, help="GGUF file, Hugging Face folder or Hub id. Default: the embedded SmolLM2-135M-Instruct."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    served_model_name: str = typer.Option(None, help="Name clients pass as `model`. Default: the model's own name."),
+    dtype: str = typer.Option("auto", help="auto|float32|bfloat16|float16: activation and weight precision."),
+    device: str = typer.Option("auto", help="auto|cpu|cuda"),
+    threads: int = typer.Option(None, help="Torch CPU threads (default: all cores)."),
+    block_size: int = typer.Option(16, help="Tokens per KV cache block."),
+    kv_cache_memory: float = typer.Option(0.5, help="KV cache pool size in GiB."),
+    max_num_batched_tokens: int = typer.Option(512, help="Token budget of one engine step."),
+    max_num_seqs: int = typer.Option(32, help="Most sequences running at once."),
+    max_model_len: int = typer.Option(None, help="Context length (default: the model's, capped by the KV pool)."),
+    no_prefix_caching: bool = typer.Option(False, help="Disable prefix caching."),
+    input_price: float = typer.Option(None, help="USD per million prompt tokens, for usage.estimated_cost."),
+    output_price: float = typer.Option(None, help="USD per million completion tokens."),
+    api_key: str = typer.Option(None, envvar="PHISERVE_API_KEY", help="Require this bearer token."),
+    log_level: str = typer.Option("info"),
+) -> None:
+    """Serve one model over the OpenAI Chat Completions API."""
+    import uvicorn
+
+    from phiserve.api.app import create_app
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = ServeOptions(
+        model=model,
+        served_model_name=served_model_name,
+        dtype=dtype,
+        device=device,
+        threads=threads,
+        engine=EngineConfig(
+            block_size=block_size,
+            kv_cache_bytes=int(kv_cache_memory * 2**30),
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_num_seqs=max_num_seqs,
+            max_model_len=max_model_len,
+            enable_prefix_caching=not no_prefix_caching,
+        ),
+        input_price=input_price,
+        output_price=output_price,
+        api_key=api_key,
+    )
+    uvicorn.run(create_app(options), host=host, port=port, log_level=log_level)
+
+
+@app.callback()
+def main() -> None:
+    """phiserve: OpenAI-compatible inference for Phi-4 and its family."""

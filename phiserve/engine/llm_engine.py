@@ -1,0 +1,181 @@
+"""The synchronous engine: schedule -> run -> sample -> detokenize/stop, one step at a time.
+
+It knows nothing of HTTP: requests come in as token ids and SamplingParams, outputs go out as
+per-choice deltas (text, token ids, logprobs, finish reason).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+from phiserve.engine.kv_cache import BlockManager
+from phiserve.engine.runner import ModelRunner, kv_bytes_per_token
+from phiserve.engine.sampler import Sampler, TokenLogprob
+from phiserve.engine.sampling_params import SamplingParams
+from phiserve.engine.scheduler import Scheduler
+from phiserve.engine.sequence import Sequence, SequenceStatus
+from phiserve.engine.stop_checker import StopChecker
+from phiserve.models.decoder import Decoder
+from phiserve.tokenizer.detokenizer import IncrementalDetokenizer
+from phiserve.tokenizer.tokenizer import Tokenizer
+
+SEED_MIX = 0x9E3779B97F4A7C15  # spreads per-choice seeds of one request apart
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16
+    kv_cache_bytes: int = 512 * 2**20
+    max_num_batched_tokens: int = 512
+    max_num_seqs: int = 32
+    max_model_len: int | None = None  # defaults to the model's context length, capped by the pool
+    enable_prefix_caching: bool = True
+
+
+@dataclass
+class ChoiceOutput:
+    request_id: str
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob]
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int
+
+
+@dataclass
+class _Choice:
+    request_id: str
+    index: int
+    seq: Sequence
+    detokenizer: IncrementalDetokenizer
+    stop_checker: StopChecker
+    stop_token_ids: frozenset[int] = field(default_factory=frozenset)
+
+
+class LLMEngine:
+    def __init__(self, model: Decoder, tokenizer: Tokenizer, config: EngineConfig, device: torch.device, kv_dtype: torch.dtype) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        per_token = kv_bytes_per_token(model, kv_dtype)
+        num_blocks = max(1, config.kv_cache_bytes // (per_token * config.block_size))
+        pool_tokens = num_blocks * config.block_size
+        self.max_model_len = min(config.max_model_len or model.config.max_position_embeddings, pool_tokens)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, kv_dtype, device)
+        self.sampler = Sampler(model.config.vocab_size, config.max_num_seqs * 2 + 16, device)
+        self._choices: dict[int, _Choice] = {}  # seq_id -> choice
+        self._requests: dict[str, list[_Choice]] = {}
+
+    # ---- requests -------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, n: int = 1) -> list[ChoiceOutput]:
+        """Queue n choices of one prompt. Returns outputs for choices finished at once (max_tokens=0)."""
+        if request_id in self._requests:
+            raise ValueError(f"duplicate request id {request_id}")
+        choices, finished = [], []
+        leader = None
+        for index in range(n):
+            p = params if index == 0 or params.seed is None else dataclasses.replace(params, seed=(params.seed * SEED_MIX + index) % 2**63)
+            seq = Sequence(prompt_token_ids, p, leader=leader)
+            leader = leader or seq
+            choice = _Choice(request_id, index, seq, IncrementalDetokenizer(self.tokenizer), StopChecker(p.stop), frozenset(() if p.ignore_eos else p.stop_token_ids))
+            choices.append(choice)
+            if p.max_tokens == 0:
+                seq.finish_reason = "length"
+                seq.status = SequenceStatus.FINISHED
+                finished.append(self._output(choice, "", [], []))
+                continue
+            self._choices[seq.seq_id] = choice
+            self.scheduler.add(seq)
+        if len(finished) < n:
+            self._requests[request_id] = [c for c in choices if not c.seq.is_finished]
+        return finished
+
+    def abort(self, request_id: str) -> list[ChoiceOutput]:
+        """Finish every unfinished choice of a request now; returns their final outputs (for usage accounting)."""
+        outputs = []
+        for choice in self._requests.pop(request_id, []):
+            self._release(choice, "abort")
+            outputs.append(self._output(choice, "", [], []))
+        return outputs
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- one step -------------------------------------------------------------------------------
+    def step(self) -> list[ChoiceOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        logits, sampling = self.runner.run(batch)
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            seq.num_computed_tokens += n
+            self.block_manager.register_computed(seq)
+        if not sampling:
+            return []
+        for seq in sampling:  # sampler state is taken at first sample, so waiting requests hold no slot
+            if not self.sampler.has(seq.seq_id):
+                self.sampler.add(seq.seq_id, seq.params, seq.token_ids[: seq.num_prompt_tokens])
+        sampled = self.sampler.sample(logits, [s.seq_id for s in sampling])
+        outputs = []
+        for seq, token, logprob in zip(sampling, sampled.token_ids, sampled.logprobs, strict=True):
+            outputs.append(self._append_token(self._choices[seq.seq_id], token, logprob))
+        return outputs
+
+    def _append_token(self, choice: _Choice, token: int, logprob: TokenLogprob | None) -> ChoiceOutput:
+        seq = choice.seq
+        seq.token_ids.append(token)
+        reason = None
+        text = ""
+        if token in choice.stop_token_ids:
+            reason, logprob = "stop", None  # the end-of-turn token is not part of the answer
+        else:
+            text, stopped = choice.stop_checker.feed(choice.detokenizer.push(token))
+            if stopped:
+                reason = "stop"
+        if reason is None and (seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason == "length":
+            text += choice.stop_checker.feed(choice.detokenizer.flush())[0] + choice.stop_checker.flush()
+        out = self._output(choice, text, [token], [logprob] if logprob is not None else [])
+        if reason is not None:
+            self._release(choice, reason)
+            out.finish_reason = reason
+            remaining = [c for c in self._requests.get(choice.request_id, []) if c is not choice]
+            if remaining:
+                self._requests[choice.request_id] = remaining
+            else:
+                self._requests.pop(choice.request_id, None)
+        return out
+
+    def _release(self, choice: _Choice, reason: str) -> None:
+        self.scheduler.finish(choice.seq, reason)
+        self._choices.pop(choice.seq.seq_id, None)
+        if self.sampler.has(choice.seq.seq_id):
+            self.sampler.remove(choice.seq.seq_id)
+
+    def _output(self, choice: _Choice, text: str, token_ids: list[int], logprobs: list[TokenLogprob]) -> ChoiceOutput:
+        seq = choice.seq
+        return ChoiceOutput(
+            choice.request_id, choice.index, text, token_ids, logprobs, seq.finish_reason,
+            seq.num_prompt_tokens, seq.num_output_tokens, seq.num_cached_tokens,
+        )
+
+    def stats(self) -> dict[str, int]:
+        bm = self.block_manager
+        return {
+            "num_blocks": bm.num_blocks,
+            "num_free_blocks": bm.num_free_blocks,
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "num_preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_hit_tokens": bm.prefix_hits,
+            "max_model_len": self.max_model_len,
+        }

@@ -1,0 +1,90 @@
+"""Model runner: owns the KV cache tensors and turns a scheduled batch into one forward pass.
+
+The whole batch (ragged prefill chunks and decodes) is flattened into one row per new token; logits
+are computed only for the rows that sample (the last new token of a sequence that has then computed
+all its tokens).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from phiserve.engine.scheduler import ScheduledBatch
+from phiserve.engine.sequence import Sequence
+from phiserve.models.attention import AttentionMetadata, PrefillSpan
+from phiserve.models.decoder import Decoder
+
+
+def kv_bytes_per_token(model: Decoder, dtype: torch.dtype) -> int:
+    cfg = model.config
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+class ModelRunner:
+    def __init__(self, model: Decoder, num_blocks: int, block_size: int, kv_dtype: torch.dtype, device: torch.device) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.device = device
+        cfg = model.config
+        shape = (num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=kv_dtype, device=device), torch.zeros(shape, dtype=kv_dtype, device=device))
+            for _ in range(cfg.num_layers)
+        ]
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:
+        """Returns logits [S, vocab] for the sequences that sample this step, and those sequences."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        decode_rows: list[int] = []
+        decode_ctx: list[torch.Tensor] = []
+        prefills: list[PrefillSpan] = []
+        logits_rows: list[int] = []
+        samplers: list[Sequence] = []
+        bs = self.block_size
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            start, row = seq.num_computed_tokens, len(input_ids)
+            end = start + n
+            table = seq.block_table
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            if n == 1:
+                decode_rows.append(row)
+                decode_ctx.append(self._slots(table, end))
+            elif start == 0:
+                prefills.append(PrefillSpan(row, n, None, None))
+            else:
+                ctx = self._slots(table, end).to(self.device)
+                q_pos = torch.arange(start, end, device=self.device)[:, None]
+                mask = torch.arange(end, device=self.device)[None, :] <= q_pos
+                prefills.append(PrefillSpan(row, n, ctx, mask))
+            if end == seq.num_tokens:
+                logits_rows.append(row + n - 1)
+                samplers.append(seq)
+        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, device=self.device), prefills=tuple(prefills))
+        if decode_rows:
+            width = max(len(c) for c in decode_ctx)
+            padded = torch.zeros(len(decode_ctx), width, dtype=torch.long)
+            lengths = torch.tensor([len(c) for c in decode_ctx])
+            for i, c in enumerate(decode_ctx):
+                padded[i, : len(c)] = c
+            meta.decode_rows = torch.tensor(decode_rows, device=self.device)
+            meta.decode_slots = padded.to(self.device)
+            meta.decode_mask = (torch.arange(width)[None, :] < lengths[:, None]).view(len(decode_ctx), 1, 1, width).to(self.device)
+        logits = self.model(
+            torch.tensor(input_ids, device=self.device),
+            torch.tensor(positions, device=self.device),
+            self.kv_caches,
+            meta,
+            torch.tensor(logits_rows, device=self.device),
+        )
+        return logits, samplers
+
+    def _slots(self, table: list[int], length: int) -> torch.Tensor:
+        """Cache slots of the first `length` tokens of a sequence with this block table."""
+        bs = self.block_size
+        blocks = torch.tensor(table[: -(-length // bs)], dtype=torch.long)
+        return (blocks[:, None] * bs + torch.arange(bs)).flatten()[:length]

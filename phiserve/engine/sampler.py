@@ -1,0 +1,337 @@
+"""Batched next-token sampling with per-sequence penalty state and per-sequence RNGs.
+
+Every sequence owns a preallocated row slot holding:
+  * token counts of its generated tokens (OpenAI presence/frequency penalties),
+  * a seen-mask of its prompt + generated tokens (Hugging Face repetition_penalty),
+  * its sampling parameters as one row of a parameter table, and
+  * its own torch.Generator.
+The count and seen rows are updated incrementally from each sampled token, so a step costs
+O(B * V) no matter how long the sequences are. Slots are reset when handed out, so remove() is O(1).
+
+Processing order (one batched tensor pass, each stage skipped when no row uses it):
+  allowed_mask -> logit_bias -> repetition_penalty -> presence/frequency -> temperature
+  -> top-k -> top-p -> min-p -> exponential-race sampling (greedy rows take argmax).
+Random numbers are drawn per row from that row's generator, and each stage is an exact no-op on a
+row whose parameter is neutral, so a seeded request gets the same tokens whatever else is batched.
+
+Logprobs are the log-softmax of the RAW model logits (as vLLM reports by default and as OpenAI
+describes them: the model's distribution), not of the penalised/filtered distribution.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+
+import torch
+
+from phiserve.engine.sampling_params import SamplingParams
+
+_U64_MASK = (1 << 64) - 1
+_NEG_INF = float("-inf")
+
+# Columns of the per-slot float parameter table.
+_TEMP, _TOP_P, _TOP_K, _MIN_P, _PRESENCE, _FREQUENCY, _REPETITION = range(7)
+_NUM_COLS = 7
+
+
+@dataclass
+class TokenLogprob:
+    """Logprob of the chosen token and the top alternatives, from the raw model distribution."""
+
+    token_id: int
+    logprob: float
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None]  # None for rows that did not ask for logprobs
+
+
+@dataclass(frozen=True)
+class _SlotInfo:
+    """Python-side flags of one slot, so fast paths are chosen without reading device tensors."""
+
+    greedy: bool
+    bias: bool
+    repetition: bool
+    penalties: bool
+    temperature: bool
+    top_k: bool
+    top_p: bool
+    min_p: bool
+    logprobs: bool
+    top_logprobs: int
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, max_num_seqs: int, device: torch.device | str = "cpu") -> None:
+        if vocab_size <= 0 or max_num_seqs <= 0:
+            raise ValueError("vocab_size and max_num_seqs must be positive")
+        self.vocab_size = vocab_size
+        self.max_num_seqs = max_num_seqs
+        self.device = torch.device(device)
+        n, v, dev = max_num_seqs, vocab_size, self.device
+        self._counts = torch.zeros(n, v, dtype=torch.int32, device=dev)
+        self._seen = torch.zeros(n, v, dtype=torch.bool, device=dev)
+        self._table = torch.zeros(n, _NUM_COLS, dtype=torch.float32, device=dev)
+        # logit_bias is sparse (OpenAI allows a few hundred entries), so keep it as (ids, values) per slot.
+        self._bias: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n
+        self._info: list[_SlotInfo | None] = [None] * n
+        self._generators = [torch.Generator(device=dev) for _ in range(n)]
+        self._slot_of: dict[int, int] = {}
+        self._free = list(range(n - 1, -1, -1))  # pop() hands out the lowest slot first
+
+    # ---- slots ----------------------------------------------------------------------------------
+    def has(self, seq_id: int) -> bool:
+        return seq_id in self._slot_of
+
+    @property
+    def num_free_slots(self) -> int:
+        return len(self._free)
+
+    def add(self, seq_id: int, params: SamplingParams, prompt_ids: list[int]) -> None:
+        """Give seq_id a slot, reset its state to the prompt and (re)seed its generator."""
+        if seq_id in self._slot_of:
+            raise ValueError(f"sequence {seq_id} already has a sampler slot")
+        if not self._free:
+            raise RuntimeError(f"all {self.max_num_seqs} sampler slots are in use")
+        v = self.vocab_size
+        # Validate before taking the slot so a bad request cannot leak one.
+        if params.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if params.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+        if params.repetition_penalty <= 0:
+            raise ValueError("repetition_penalty must be > 0")
+        if any(not 0 <= t < v for t in params.logit_bias):
+            raise ValueError(f"logit_bias token ids must be in [0, {v})")
+        if any(not 0 <= t < v for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be in [0, {v})")
+
+        slot = self._free.pop()
+        dev = self.device
+        self._counts[slot].zero_()
+        self._seen[slot].zero_()
+        if prompt_ids:
+            self._seen[slot, torch.tensor(prompt_ids, dtype=torch.long, device=dev)] = True
+        row = [0.0] * _NUM_COLS
+        row[_TEMP] = params.temperature
+        row[_TOP_P] = params.top_p
+        row[_TOP_K] = float(params.top_k)
+        row[_MIN_P] = params.min_p
+        row[_PRESENCE] = params.presence_penalty
+        row[_FREQUENCY] = params.frequency_penalty
+        row[_REPETITION] = params.repetition_penalty
+        self._table[slot] = torch.tensor(row, dtype=torch.float32, device=dev)  # one copy, not seven
+        if params.logit_bias:
+            ids = torch.tensor(list(params.logit_bias.keys()), dtype=torch.long, device=dev)
+            vals = torch.tensor(list(params.logit_bias.values()), dtype=torch.float32, device=dev)
+            self._bias[slot] = (ids, vals)
+        else:
+            self._bias[slot] = None
+        greedy = params.temperature == 0.0
+        self._info[slot] = _SlotInfo(
+            greedy=greedy,
+            bias=bool(params.logit_bias),
+            repetition=params.repetition_penalty != 1.0,
+            penalties=params.presence_penalty != 0.0 or params.frequency_penalty != 0.0,
+            temperature=not greedy and params.temperature != 1.0,
+            top_k=0 < params.top_k < v,
+            top_p=params.top_p < 1.0,
+            min_p=params.min_p > 0.0,
+            logprobs=params.logprobs,
+            top_logprobs=max(0, min(params.top_logprobs, v)) if params.logprobs else 0,
+        )
+        # Unseeded requests get fresh OS randomness; seeded ones are reproducible.
+        seed = params.seed & _U64_MASK if params.seed is not None else secrets.randbits(64)
+        self._generators[slot].manual_seed(seed)
+        self._slot_of[seq_id] = slot
+
+    def remove(self, seq_id: int) -> None:
+        """Free the slot in O(1); its tensors are reset when the slot is handed out again."""
+        slot = self._slot_of.pop(seq_id)
+        self._info[slot] = None
+        self._bias[slot] = None
+        self._free.append(slot)
+
+    def record_tokens(self, seq_id: int, token_ids: list[int]) -> None:
+        """Add tokens that joined the output without being sampled here (e.g. forced by a grammar)."""
+        if not token_ids:
+            return
+        slot = self._slot_of[seq_id]
+        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+        ones = torch.ones(len(token_ids), dtype=torch.int32, device=self.device)
+        self._counts[slot].index_put_((ids,), ones, accumulate=True)
+        self._seen[slot, ids] = True
+
+    # ---- sampling -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def process_logits(
+        self, logits: torch.Tensor, seq_ids: list[int], allowed_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The [B, vocab] float32 logits that sample() draws from (softmax gives the probabilities).
+
+        Removed tokens are -inf. Greedy rows are returned after penalties but without temperature.
+        State is not changed; useful for tests and for verifying draft tokens.
+        """
+        slots, infos = self._lookup(seq_ids)
+        x, _ = self._process(logits, slots, infos, allowed_mask)
+        return x
+
+    @torch.no_grad()
+    def sample(
+        self, logits: torch.Tensor, seq_ids: list[int], allowed_mask: torch.Tensor | None = None
+    ) -> SamplerOutput:
+        """Pick one token per row and update each sequence's penalty state with it."""
+        slots, infos = self._lookup(seq_ids)
+        x, greedy_tokens = self._process(logits, slots, infos, allowed_mask)
+        greedy_rows = [info.greedy for info in infos]
+        if all(greedy_rows):
+            assert greedy_tokens is not None
+            tokens = greedy_tokens
+        else:
+            probs = torch.softmax(x, dim=-1)
+            # Exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p. Noise comes from
+            # each row's own generator; greedy rows draw nothing so their RNG stays untouched.
+            noise = torch.ones_like(probs)
+            for i, (slot, greedy) in enumerate(zip(slots, greedy_rows, strict=True)):
+                if not greedy:
+                    noise[i].exponential_(generator=self._generators[slot])
+            # E == 0 would turn a zero-probability token into inf (or nan); keep it strictly positive.
+            noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+            tokens = probs.div_(noise).argmax(dim=-1)
+            if greedy_tokens is not None:
+                greedy_t = torch.tensor(greedy_rows, dtype=torch.bool, device=self.device)
+                tokens = torch.where(greedy_t, greedy_tokens, tokens)
+
+        slots_t = torch.tensor(slots, dtype=torch.long, device=self.device)
+        self._counts.index_put_(
+            (slots_t, tokens), torch.ones_like(tokens, dtype=torch.int32), accumulate=True
+        )
+        self._seen[slots_t, tokens] = True
+
+        token_list: list[int] = tokens.tolist()
+        return SamplerOutput(token_list, self._logprobs(logits, infos, tokens, token_list))
+
+    # ---- internals ------------------------------------------------------------------------------
+    def _lookup(self, seq_ids: list[int]) -> tuple[list[int], list[_SlotInfo]]:
+        try:
+            slots = [self._slot_of[s] for s in seq_ids]
+        except KeyError as e:
+            raise KeyError(f"sequence {e.args[0]} has no sampler slot; call add() first") from None
+        infos: list[_SlotInfo] = []
+        for slot in slots:
+            info = self._info[slot]
+            assert info is not None  # occupied slots always carry their info
+            infos.append(info)
+        return slots, infos
+
+    def _process(
+        self,
+        logits: torch.Tensor,
+        slots: list[int],
+        infos: list[_SlotInfo],
+        allowed_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        v = self.vocab_size
+        if logits.dim() != 2 or logits.shape[0] != len(slots) or logits.shape[1] < v:
+            raise ValueError(f"logits must be [{len(slots)}, >= {v}], got {tuple(logits.shape)}")
+        # Padded vocab columns (if any) are never sampled. Always copy: the stages work in place.
+        x = logits[:, :v].to(device=self.device, dtype=torch.float32, copy=True)
+        slots_t = torch.tensor(slots, dtype=torch.long, device=self.device)
+        table = self._table.index_select(0, slots_t)
+
+        if allowed_mask is not None:
+            allowed = allowed_mask[:, :v].to(device=self.device, dtype=torch.bool)
+            if not bool(allowed.any(dim=-1).all()):
+                raise ValueError("allowed_mask has a row that allows no token")
+            x.masked_fill_(~allowed, _NEG_INF)
+
+        if any(info.bias for info in infos):
+            rows, ids, vals = [], [], []
+            for i, slot in enumerate(slots):
+                entry = self._bias[slot]
+                if entry is not None:
+                    rows.append(torch.full_like(entry[0], i))
+                    ids.append(entry[0])
+                    vals.append(entry[1])
+            x.index_put_((torch.cat(rows), torch.cat(ids)), torch.cat(vals), accumulate=True)
+
+        if any(info.repetition for info in infos):
+            seen = self._seen.index_select(0, slots_t)
+            rep = table[:, _REPETITION : _REPETITION + 1]
+            # HF semantics: shrink positive logits, push negative ones further down.
+            penalised = torch.where(x > 0, x / rep, x * rep)
+            x = torch.where(seen, penalised, x)
+
+        if any(info.penalties for info in infos):
+            counts = self._counts.index_select(0, slots_t).to(torch.float32)
+            presence = table[:, _PRESENCE : _PRESENCE + 1]
+            frequency = table[:, _FREQUENCY : _FREQUENCY + 1]
+            x -= presence * (counts > 0) + frequency * counts
+
+        greedy_tokens = x.argmax(dim=-1) if any(info.greedy for info in infos) else None
+        if all(info.greedy for info in infos):
+            return x, greedy_tokens
+
+        if any(info.temperature for info in infos):
+            temp = table[:, _TEMP]
+            # Greedy rows divide by 1: their token is the argmax taken above.
+            x /= torch.where(temp == 0, torch.ones_like(temp), temp).unsqueeze(1)
+
+        use_k = any(info.top_k for info in infos)
+        use_p = any(info.top_p for info in infos)
+        if use_k or use_p:
+            x = self._top_k_top_p(x, table, use_k, use_p)
+
+        if any(info.min_p for info in infos):
+            probs = torch.softmax(x, dim=-1)
+            threshold = table[:, _MIN_P : _MIN_P + 1] * probs.amax(dim=-1, keepdim=True)
+            x.masked_fill_(probs < threshold, _NEG_INF)  # min_p = 0 gives threshold 0: removes nothing
+        return x, greedy_tokens
+
+    def _top_k_top_p(self, x: torch.Tensor, table: torch.Tensor, use_k: bool, use_p: bool) -> torch.Tensor:
+        # One descending sort serves both filters: masking below the k-th value keeps the order.
+        sorted_x, order = torch.sort(x, dim=-1, descending=True)
+        if use_k:
+            k = table[:, _TOP_K].long()
+            kth = sorted_x.gather(1, (k.clamp(1, self.vocab_size) - 1).unsqueeze(1))
+            # Threshold on the k-th value (ties at the boundary are kept, as in HF); k = 0 is off.
+            remove = (sorted_x < kth) & (k > 0).unsqueeze(1)
+            sorted_x.masked_fill_(remove, _NEG_INF)
+        if use_p:
+            top_p = table[:, _TOP_P : _TOP_P + 1]
+            probs = torch.softmax(sorted_x, dim=-1)
+            before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely tokens
+            # Drop a token once the tokens before it already reach top_p: keeps the smallest set with
+            # mass >= top_p. Rows with top_p >= 1 are exempt so cumsum rounding never bites them.
+            remove = (before >= top_p) & (top_p < 1.0)
+            remove[:, 0] = False  # the most likely token always survives
+            sorted_x.masked_fill_(remove, _NEG_INF)
+        return torch.empty_like(x).scatter_(1, order, sorted_x)
+
+    def _logprobs(
+        self, logits: torch.Tensor, infos: list[_SlotInfo], tokens: torch.Tensor, token_list: list[int]
+    ) -> list[TokenLogprob | None]:
+        out: list[TokenLogprob | None] = [None] * len(infos)
+        rows = [i for i, info in enumerate(infos) if info.logprobs]
+        if not rows:
+            return out
+        rows_t = torch.tensor(rows, dtype=torch.long, device=self.device)
+        raw = logits[:, : self.vocab_size].to(device=self.device).index_select(0, rows_t)
+        lp = torch.log_softmax(raw.to(torch.float32), dim=-1)
+        chosen = lp.gather(1, tokens.index_select(0, rows_t).unsqueeze(1)).squeeze(1).tolist()
+        k = max(infos[i].top_logprobs for i in rows)
+        top_vals: list[list[float]] = [[] for _ in rows]
+        top_ids: list[list[int]] = [[] for _ in rows]
+        if k > 0:
+            vals_t, ids_t = torch.topk(lp, k, dim=-1)
+            top_vals, top_ids = vals_t.tolist(), ids_t.tolist()
+        for j, i in enumerate(rows):
+            n = infos[i].top_logprobs
+            top = list(zip(top_ids[j][:n], top_vals[j][:n], strict=True))
+            out[i] = TokenLogprob(token_list[i], chosen[j], top)
+        return out
