@@ -10,8 +10,8 @@ O(B * V) no matter how long the sequences are. Slots are reset when handed out, 
 
 Processing order (one batched tensor pass, each stage skipped when no row uses it):
   allowed_mask -> logit_bias -> repetition_penalty -> presence/frequency -> temperature
-  -> top-k -> top-p -> min-p -> exponential-race sampling (greedy rows take argmax).
-Random numbers are drawn per row from that row's generator, and each stage is an exact no-op on a
+  -> top-k -> top-p -> min-p -> inverse-CDF draw (greedy rows take the argmax after penalties).
+Each row's random number comes from that row's generator, and each stage is an exact no-op on a
 row whose parameter is neutral, so a seeded request gets the same tokens whatever else is batched.
 
 Logprobs are the log-softmax of the RAW model logits (as vLLM reports by default and as OpenAI
@@ -33,6 +33,7 @@ _NEG_INF = float("-inf")
 # Columns of the per-slot float parameter table.
 _TEMP, _TOP_P, _TOP_K, _MIN_P, _PRESENCE, _FREQUENCY, _REPETITION = range(7)
 _NUM_COLS = 7
+_TOP_P_CANDIDATES = 1024  # head of the distribution examined for top-p before falling back to a full sort
 
 
 @dataclass
@@ -80,7 +81,8 @@ class Sampler:
         # logit_bias is sparse (OpenAI allows a few hundred entries), so keep it as (ids, values) per slot.
         self._bias: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n
         self._info: list[_SlotInfo | None] = [None] * n
-        self._generators = [torch.Generator(device=dev) for _ in range(n)]
+        # CPU generators: each row draws one scalar per step, so there is nothing to gain on a GPU.
+        self._generators = [torch.Generator() for _ in range(n)]
         self._slot_of: dict[int, int] = {}
         self._free = list(range(n - 1, -1, -1))  # pop() hands out the lowest slot first
 
@@ -193,16 +195,7 @@ class Sampler:
             assert greedy_tokens is not None
             tokens = greedy_tokens
         else:
-            probs = torch.softmax(x, dim=-1)
-            # Exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p. Noise comes from
-            # each row's own generator; greedy rows draw nothing so their RNG stays untouched.
-            noise = torch.ones_like(probs)
-            for i, (slot, greedy) in enumerate(zip(slots, greedy_rows, strict=True)):
-                if not greedy:
-                    noise[i].exponential_(generator=self._generators[slot])
-            # E == 0 would turn a zero-probability token into inf (or nan); keep it strictly positive.
-            noise.clamp_min_(torch.finfo(noise.dtype).tiny)
-            tokens = probs.div_(noise).argmax(dim=-1)
+            tokens = self._draw(torch.softmax(x, dim=-1), slots, greedy_rows)
             if greedy_tokens is not None:
                 greedy_t = torch.tensor(greedy_rows, dtype=torch.bool, device=self.device)
                 tokens = torch.where(greedy_t, greedy_tokens, tokens)
@@ -293,25 +286,57 @@ class Sampler:
             x.masked_fill_(probs < threshold, _NEG_INF)  # min_p = 0 gives threshold 0: removes nothing
         return x, greedy_tokens
 
+    def _draw(self, probs: torch.Tensor, slots: list[int], greedy_rows: list[bool]) -> torch.Tensor:
+        # Inverse-CDF sampling with ONE uniform per row from that row's own (CPU) generator: the
+        # token is the first whose cumulative probability exceeds u * total. Unlike an exponential
+        # race / Gumbel-max it needs no V-sized noise and no V transcendental calls (measured ~8 ms
+        # per 100k-vocab row for exponential_ on the 2-core CPU box vs well under 1 ms here).
+        # Greedy rows draw nothing, so their generator state is untouched.
+        u = [0.0 if greedy else torch.rand((), generator=self._generators[slot]).item()
+             for slot, greedy in zip(slots, greedy_rows, strict=True)]
+        # float64 cumsum: float32 would drift by ~1e-5 over a 100k vocab and bias the tail.
+        cdf = probs.cumsum(dim=-1, dtype=torch.float64)
+        # u is a float32 draw (< 1 - 2**-24), so target < total strictly and the index is < V;
+        # the first index whose cdf exceeds target is a strict rise, so never a zero-probability token.
+        target = torch.tensor(u, dtype=torch.float64, device=probs.device).unsqueeze(1) * cdf[:, -1:]
+        index = torch.searchsorted(cdf, target, right=True).squeeze(1)
+        return index.clamp_(max=probs.shape[1] - 1)
+
     def _top_k_top_p(self, x: torch.Tensor, table: torch.Tensor, use_k: bool, use_p: bool) -> torch.Tensor:
-        # One descending sort serves both filters: masking below the k-th value keeps the order.
-        sorted_x, order = torch.sort(x, dim=-1, descending=True)
-        if use_k:
-            k = table[:, _TOP_K].long()
-            kth = sorted_x.gather(1, (k.clamp(1, self.vocab_size) - 1).unsqueeze(1))
-            # Threshold on the k-th value (ties at the boundary are kept, as in HF); k = 0 is off.
-            remove = (sorted_x < kth) & (k > 0).unsqueeze(1)
-            sorted_x.masked_fill_(remove, _NEG_INF)
-        if use_p:
+        # Both filters need only the head of each row's sorted distribution, so take a top-K slice
+        # instead of sorting the whole vocab (a full 100k sort is ~10x slower than topk(1024) on
+        # CPU). If a top-p row's nucleus does not fit in the slice, retry with the full vocab.
+        # Both filters cut at a logit value, so tokens tied with the last kept one are kept (as HF
+        # does for top-k) and the result does not depend on the slice size or sort stability.
+        v = self.vocab_size
+        k = table[:, _TOP_K].long()
+        k_on = (k > 0) & (k < v)
+        num = min(v, max(_TOP_P_CANDIDATES if use_p else 1, int(k.max()) if use_k else 1))
+        while True:
+            vals, _ = torch.topk(x, num, dim=-1)  # descending
+            remove = torch.zeros_like(x, dtype=torch.bool)
+            if use_k:
+                kth = vals.gather(1, (k.clamp(1, num) - 1).unsqueeze(1))
+                remove_k = k_on.unsqueeze(1)
+                remove |= (x < kth) & remove_k
+                vals = vals.masked_fill((vals < kth) & remove_k, _NEG_INF)
+            if not use_p:
+                return x.masked_fill_(remove, _NEG_INF)
             top_p = table[:, _TOP_P : _TOP_P + 1]
-            probs = torch.softmax(sorted_x, dim=-1)
-            before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely tokens
-            # Drop a token once the tokens before it already reach top_p: keeps the smallest set with
-            # mass >= top_p. Rows with top_p >= 1 are exempt so cumsum rounding never bites them.
-            remove = (before >= top_p) & (top_p < 1.0)
-            remove[:, 0] = False  # the most likely token always survives
-            sorted_x.masked_fill_(remove, _NEG_INF)
-        return torch.empty_like(x).scatter_(1, order, sorted_x)
+            p_on = top_p < 1.0  # top_p >= 1 rows are exempt so cumsum rounding never bites them
+            # Probabilities of the slice under the full (top-k filtered) row's normaliser.
+            lse = torch.logsumexp(x.masked_fill(remove, _NEG_INF), dim=-1, keepdim=True)
+            probs = torch.exp(vals - lse)
+            cum = probs.cumsum(dim=-1)
+            if num < v and not bool(((cum[:, -1:] >= top_p) | ~p_on).all()):
+                num = v  # some nucleus reaches past the slice
+                continue
+            # Keep a token while the strictly more likely tokens hold < top_p of the mass: the
+            # smallest set reaching top_p; the most likely token always survives.
+            n_keep = ((cum - probs) < top_p).sum(dim=-1, keepdim=True).clamp_(min=1)
+            cut = vals.gather(1, n_keep - 1)
+            remove |= (x < cut) & p_on
+            return x.masked_fill_(remove, _NEG_INF)
 
     def _logprobs(
         self, logits: torch.Tensor, infos: list[_SlotInfo], tokens: torch.Tensor, token_list: list[int]

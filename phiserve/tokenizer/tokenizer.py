@@ -66,7 +66,9 @@ _GPT4O = (
 _DEFAULT_SEQ = (r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]")
 _PRE_TOKENIZER_REGEXES: dict[str, tuple[str, ...]] = {
     "default": _DEFAULT_SEQ,
-    **dict.fromkeys(("gpt2", "gpt-2", "phi-2", "mpt", "olmo", "jais", "jina-es", "jina-de", "exaone4"), (_GPT2,)),
+    **dict.fromkeys(
+        ("gpt2", "gpt-2", "phi-2", "mpt", "olmo", "jais", "jina-es", "jina-de", "exaone4"), (_GPT2,)
+    ),
     **dict.fromkeys(
         ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"), (r"\p{N}", _GPT2)
     ),
@@ -83,7 +85,11 @@ _ADD_BOS_PRE = frozenset({"llama3", "llama-v3", "llama-bpe", "falcon3"})
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable unicode char table used by byte-level BPE."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     table = {b: chr(b) for b in printable}
     extra = 0
     for b in range(256):
@@ -197,8 +203,9 @@ class Tokenizer:
 
         kind: TokenizerKind
         if (folder / "tokenizer.json").is_file():
-            backend = HFTokenizer.from_file(str(folder / "tokenizer.json"))
-            kind = _kind_from_decoder(json.loads(backend.to_str()).get("decoder"))
+            raw = (folder / "tokenizer.json").read_text(encoding="utf-8")
+            backend = HFTokenizer.from_str(raw)
+            kind = _kind_from_decoder(json.loads(raw).get("decoder"))
         elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
             backend = _gpt2_from_files(folder / "vocab.json", folder / "merges.txt")
             kind = "byte_level"
@@ -227,7 +234,9 @@ class Tokenizer:
 
         if backend.post_processor is None and (config.get("add_bos_token") or config.get("add_eos_token")):
             _set_template_processing(
-                backend, bos if config.get("add_bos_token") else None, eos if config.get("add_eos_token") else None
+                backend,
+                bos if config.get("add_bos_token") else None,
+                eos if config.get("add_eos_token") else None,
             )
 
         template = _pick_chat_template(config.get("chat_template"))
@@ -417,8 +426,13 @@ def _set_template_processing(backend: HFTokenizer, bos: str | None, eos: str | N
     specials = [(t, backend.token_to_id(t)) for t in (bos, eos) if t is not None]
     if any(tid is None for _, tid in specials):
         return
+
     def template(seq: str, type_id: int) -> list[str]:
-        return [*([f"{bos}:{type_id}"] if bos else []), f"{seq}:{type_id}", *([f"{eos}:{type_id}"] if eos else [])]
+        return [
+            *([f"{bos}:{type_id}"] if bos else []),
+            f"{seq}:{type_id}",
+            *([f"{eos}:{type_id}"] if eos else []),
+        ]
 
     single = " ".join(template("$A", 0))
     pair = " ".join(template("$A", 0) + template("$B", 1))
@@ -454,7 +468,9 @@ def _gguf_added_tokens(
         if is_special:
             special.add(i)
         rstrip = phi3 and is_special and tok not in ("<unk>", "<s>", "<|endoftext|>")
-        added.append(AddedToken(tok, special=is_special, normalized=False, rstrip=rstrip or (phi3 and tok == "</s>")))
+        added.append(
+            AddedToken(tok, special=is_special, normalized=False, rstrip=rstrip or (phi3 and tok == "</s>"))
+        )
     return added, special
 
 
@@ -497,7 +513,9 @@ def _finish_gguf(
     )
 
 
-def _from_gguf_bpe(cls: type[Tokenizer], meta: Mapping[str, Any], tokens: list[str], types: list[int]) -> Tokenizer:
+def _from_gguf_bpe(
+    cls: type[Tokenizer], meta: Mapping[str, Any], tokens: list[str], types: list[int]
+) -> Tokenizer:
     pre = meta.get("tokenizer.ggml.pre") or "default"
     regexes = _PRE_TOKENIZER_REGEXES.get(pre)
     if regexes is None:
@@ -535,7 +553,9 @@ def _from_gguf_bpe(cls: type[Tokenizer], meta: Mapping[str, Any], tokens: list[s
     )
 
 
-def _from_gguf_spm(cls: type[Tokenizer], meta: Mapping[str, Any], tokens: list[str], types: list[int]) -> Tokenizer:
+def _from_gguf_spm(
+    cls: type[Tokenizer], meta: Mapping[str, Any], tokens: list[str], types: list[int]
+) -> Tokenizer:
     """SentencePiece-BPE vocab (Llama-2, Phi-3) as a byte-fallback BPE whose merges come from scores.
 
     SentencePiece merges the adjacent pair whose concatenation has the highest score; ranking every
@@ -662,7 +682,8 @@ def _metadata_from_reader(reader: Any, prefix: str = "") -> dict[str, Any]:
     """Extract key/values from a gguf.GGUFReader (works across gguf-py versions)."""
     out: dict[str, Any] = {}
     for key, field in reader.fields.items():
-        if not (key.startswith(prefix) or key == "general.name"):
+        # GGUF.* are the reader's pseudo-fields for the header, not metadata keys.
+        if key.startswith("GGUF.") or not (key.startswith(prefix) or key == "general.name"):
             continue
         out[key] = _field_value(field)
     return out
@@ -684,4 +705,3 @@ def _field_value(field: Any) -> Any:
         itype = int(types[-1])
         return [conv(i, itype) for i in field.data]
     return conv(field.data[0], int(types[0]))
-
