@@ -9,7 +9,14 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from phiserve.api.errors import OpenAIError
-from phiserve.api.generation import check_model, new_id, now, run_until_disconnect, sampling_params, token_logprob_entry
+from phiserve.api.generation import (
+    check_model,
+    new_id,
+    now,
+    run_until_disconnect,
+    sampling_params,
+    token_logprob_entry,
+)
 from phiserve.api.protocol import ChatCompletionRequest
 from phiserve.api.usage import usage_dict
 from phiserve.engine.llm_engine import ChoiceOutput

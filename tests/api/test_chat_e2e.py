@@ -6,8 +6,6 @@ import httpx
 import openai
 import pytest
 
-
-
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
