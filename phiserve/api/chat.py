@@ -51,9 +51,10 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request, h
     prompt_ids = render_prompt(req, host)
     params = sampling_params(req, host, len(prompt_ids), req.requested_max_tokens, req.logprobs, req.top_logprobs or 0)
     request_id = new_id("chatcmpl")
+    host.ledger.register(request_id, req.user, req.n)  # OpenAI's `user`: kept in the usage ledger
     outputs = host.engine.generate(request_id, prompt_ids, params, req.n)
     if req.stream:
-        return StreamingResponse(_stream(req, host, request_id, outputs), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(_stream(req, host, request_id, outputs, len(prompt_ids)), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     results = await run_until_disconnect(request, outputs)
     return JSONResponse(_response(req, host, request_id, results))
 
@@ -94,12 +95,12 @@ def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def _stream(req: ChatCompletionRequest, host: ModelHost, request_id: str, outputs: AsyncIterator[ChoiceOutput]) -> AsyncIterator[str]:
+async def _stream(req: ChatCompletionRequest, host: ModelHost, request_id: str, outputs: AsyncIterator[ChoiceOutput], prompt_len: int) -> AsyncIterator[str]:
     created = now()
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
     completion_tokens = [0] * req.n
-    prompt_tokens = 0
+    prompt_tokens = prompt_len  # known before the first token, so continuous usage is right from the role chunk
     cached_tokens = 0
     remaining = req.n
 

@@ -25,6 +25,7 @@ async def create_completion(req: CompletionRequest, request: Request, host: Mode
         raise OpenAIError(400, "The prompt contains token ids outside the vocabulary.", param="prompt", code="invalid_value")
     params = sampling_params(req, host, len(prompt_ids), req.requested_max_tokens, False, 0)
     request_id = new_id("cmpl")
+    host.ledger.register(request_id, req.user, req.n)  # OpenAI's `user`: kept in the usage ledger
     outputs = host.engine.generate(request_id, prompt_ids, params, req.n)
     if req.stream:
         return StreamingResponse(_stream(req, host, request_id, outputs), media_type="text/event-stream")

@@ -41,6 +41,10 @@ def _param_from_loc(loc: tuple) -> str | None:
 def validation_error(exc: RequestValidationError) -> OpenAIError:
     errors = exc.errors()
     first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    # A union (e.g. stop: str | list[str]) reports one error per branch; the branch whose type
+    # matched the input says what is actually wrong ("at most 4 items", not "should be a string").
+    same_param = [e for e in errors if _param_from_loc(tuple(e.get("loc", ()))) == _param_from_loc(tuple(first.get("loc", ())))]
+    first = next((e for e in same_param if not str(e.get("type", "")).endswith("_type")), first)
     if first.get("type") == "json_invalid":
         return OpenAIError(400, "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP library correctly. The OpenAI API expects a JSON payload.)")
     param = _param_from_loc(tuple(first.get("loc", ())))

@@ -115,7 +115,7 @@ class SamplingFields(_Lenient):
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     n: Annotated[int, Field(ge=1, le=16)] = 1
-    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    logit_bias: dict[str, float] | None = None  # ranges checked below so errors name `logit_bias`
     user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -126,6 +126,8 @@ class SamplingFields(_Lenient):
         for key in v or {}:
             if not key.lstrip("-").isdigit():
                 raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            if not -100.0 <= v[key] <= 100.0:
+                raise ValueError(f"logit_bias values must be between -100 and 100, got {v[key]} for token {key}")
         return v
 
     @property

@@ -7,20 +7,25 @@ per-choice deltas (text, token ids, logprobs, finish reason).
 from __future__ import annotations
 
 import dataclasses
+import logging
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
 
+from phiserve.engine.grammar import GrammarBackend, GrammarMatcher
 from phiserve.engine.kv_cache import BlockManager
 from phiserve.engine.runner import ModelRunner, kv_bytes_per_token
 from phiserve.engine.sampler import Sampler, TokenLogprob
 from phiserve.engine.sampling_params import SamplingParams
-from phiserve.engine.scheduler import Scheduler
+from phiserve.engine.scheduler import ScheduledBatch, Scheduler
 from phiserve.engine.sequence import Sequence, SequenceStatus
 from phiserve.engine.stop_checker import StopChecker
 from phiserve.models.decoder import Decoder
 from phiserve.tokenizer.detokenizer import IncrementalDetokenizer
 from phiserve.tokenizer.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 SEED_MIX = 0x9E3779B97F4A7C15  # spreads per-choice seeds of one request apart
 
@@ -56,6 +61,7 @@ class _Choice:
     detokenizer: IncrementalDetokenizer
     stop_checker: StopChecker
     stop_token_ids: frozenset[int] = field(default_factory=frozenset)
+    matcher: GrammarMatcher | None = None  # set when the request carries a grammar
 
 
 class LLMEngine:
@@ -73,6 +79,8 @@ class LLMEngine:
         self.sampler = Sampler(model.config.vocab_size, config.max_num_seqs * 2 + 16, device)
         self._choices: dict[int, _Choice] = {}  # seq_id -> choice
         self._requests: dict[str, list[_Choice]] = {}
+        self.grammars = GrammarBackend(tokenizer, model.config.vocab_size)
+        self._num_constrained = 0  # live choices with a matcher; 0 means steps skip grammar work entirely
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, n: int = 1) -> list[ChoiceOutput]:
@@ -92,6 +100,15 @@ class LLMEngine:
                 seq.status = SequenceStatus.FINISHED
                 finished.append(self._output(choice, "", [], []))
                 continue
+            if p.grammar is not None:
+                choice.matcher = self.grammars.matcher(p.grammar)
+                if choice.matcher.error:  # the API validates grammars first, so this is a safety net
+                    log.error("request %s: grammar rejected: %s", request_id, choice.matcher.error)
+                    seq.finish_reason = "stop"
+                    seq.status = SequenceStatus.FINISHED
+                    finished.append(self._output(choice, "", [], []))
+                    continue
+                self._num_constrained += 1
             self._choices[seq.seq_id] = choice
             self.scheduler.add(seq)
         if len(finished) < n:
@@ -114,6 +131,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
+        masks = self._start_masks(batch) if self._num_constrained else None  # overlaps the forward pass
         logits, sampling = self.runner.run(batch)
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += n
@@ -123,7 +141,7 @@ class LLMEngine:
         for seq in sampling:  # sampler state is taken at first sample, so waiting requests hold no slot
             if not self.sampler.has(seq.seq_id):
                 self.sampler.add(seq.seq_id, seq.params, seq.token_ids[: seq.num_prompt_tokens])
-        sampled = self.sampler.sample(logits, [s.seq_id for s in sampling])
+        sampled = self.sampler.sample(logits, [s.seq_id for s in sampling], allowed_mask=masks.result() if masks else None)
         outputs = []
         for seq, token, logprob in zip(sampling, sampled.token_ids, sampled.logprobs, strict=True):
             outputs.append(self._append_token(self._choices[seq.seq_id], token, logprob))
@@ -140,9 +158,12 @@ class LLMEngine:
             text, stopped = choice.stop_checker.feed(choice.detokenizer.push(token))
             if stopped:
                 reason = "stop"
+            elif choice.matcher is not None and (not choice.matcher.advance(token) or choice.matcher.is_done):
+                reason = "stop"  # the grammar is complete (or, never expected, broken): nothing may follow
         if reason is None and (seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len):
             reason = "length"
-        if reason == "length":
+        if reason is not None and not choice.stop_checker.stopped:
+            # Length or end-of-turn: release text held back as a possible stop-string start.
             text += choice.stop_checker.feed(choice.detokenizer.flush())[0] + choice.stop_checker.flush()
         out = self._output(choice, text, [token], [logprob] if logprob is not None else [])
         if reason is not None:
@@ -155,7 +176,26 @@ class LLMEngine:
                 self._requests.pop(choice.request_id, None)
         return out
 
+    def _start_masks(self, batch: ScheduledBatch) -> Future[torch.Tensor] | None:
+        """Start the allowed-token masks for this step's sampling rows, if any of them is constrained.
+
+        Rows follow the runner's sampling order: the sequences whose last token is computed this step.
+        """
+        row = 0
+        rows: list[tuple[int, GrammarMatcher, frozenset[int]]] = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            if seq.num_computed_tokens + n != seq.num_tokens:
+                continue
+            choice = self._choices[seq.seq_id]
+            if choice.matcher is not None:
+                rows.append((row, choice.matcher, choice.stop_token_ids))
+            row += 1
+        return self.grammars.submit_masks(row, rows) if rows else None
+
     def _release(self, choice: _Choice, reason: str) -> None:
+        if choice.matcher is not None:
+            choice.matcher = None
+            self._num_constrained -= 1
         self.scheduler.finish(choice.seq, reason)
         self._choices.pop(choice.seq.seq_id, None)
         if self.sampler.has(choice.seq.seq_id):

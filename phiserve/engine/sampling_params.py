@@ -22,6 +22,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    # llguidance grammar (engine/grammar.py) the output must match; None = unconstrained.
+    grammar: str | None = None
 
     @property
     def greedy(self) -> bool:

@@ -113,7 +113,9 @@ def config_from_gguf(source: GGUFReader | str | os.PathLike[str]) -> ModelConfig
     reader = _reader(source)
     arch = _field(reader, "general.architecture")
     if arch not in SUPPORTED_GGUF_ARCHITECTURES:
-        raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)}")
+        raise ValueError(
+            f"unsupported GGUF architecture {arch!r}; supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)}"
+        )
 
     def req(key: str) -> Any:
         value = _field(reader, f"{arch}.{key}")
@@ -128,13 +130,19 @@ def config_from_gguf(source: GGUFReader | str | os.PathLike[str]) -> ModelConfig
     head_dim = int(_field(reader, f"{arch}.attention.key_length", hidden // num_heads))
     rot_dim = int(_field(reader, f"{arch}.rope.dimension_count", head_dim))
     if rot_dim != head_dim:
-        raise ValueError(f"partial rotary embeddings are not supported (rope dims {rot_dim} != head dim {head_dim})")
+        raise ValueError(
+            f"partial rotary embeddings are not supported (rope dims {rot_dim} != head dim {head_dim})"
+        )
     if "rope_factors_long.weight" in tensors or "rope_factors_short.weight" in tensors:
         raise ValueError("LongRoPE scaling (rope_factors_long/short tensors) is not supported")
 
     # The embedding table is the ground truth for the vocabulary (GGUF dims are [hidden, vocab]).
     vocab = int(tensors["token_embd.weight"].shape[1])
-    n_tokens = len(reader.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in reader.fields else vocab
+    n_tokens = (
+        len(reader.fields["tokenizer.ggml.tokens"].data)
+        if "tokenizer.ggml.tokens" in reader.fields
+        else vocab
+    )
     if n_tokens > vocab:
         raise ValueError(f"tokenizer has {n_tokens} tokens but the embedding table only {vocab} rows")
 
@@ -179,7 +187,9 @@ def unpermute_qk(rows: np.ndarray, n_heads: int) -> np.ndarray:
     (floats or whole quantized blocks), since only rows move.
     """
     n_rows = rows.shape[0]
-    return rows.reshape(n_heads, n_rows // n_heads // 2, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+    return (
+        rows.reshape(n_heads, n_rows // n_heads // 2, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+    )
 
 
 def _torch_shape(t: Any) -> tuple[int, ...]:
@@ -216,8 +226,11 @@ def iter_gguf_raw(source: GGUFReader | str | os.PathLike[str], cfg: ModelConfig)
         layer, kind = int(m.group(1)), m.group(2)
         prefix = f"model.layers.{layer}."
         if kind == "attn_qkv":  # phi3: rows are q, then k, then v
-            splits = {"self_attn.q_proj": (0, q_rows), "self_attn.k_proj": (q_rows, q_rows + kv_rows),
-                      "self_attn.v_proj": (q_rows + kv_rows, q_rows + 2 * kv_rows)}
+            splits = {
+                "self_attn.q_proj": (0, q_rows),
+                "self_attn.k_proj": (q_rows, q_rows + kv_rows),
+                "self_attn.v_proj": (q_rows + kv_rows, q_rows + 2 * kv_rows),
+            }
             if shape[0] != q_rows + 2 * kv_rows:
                 raise ValueError(f"{t.name}: {shape[0]} rows, expected {q_rows + 2 * kv_rows}")
             for sub, (a, b) in splits.items():

@@ -58,7 +58,9 @@ def _from_hub(repo_id: str) -> ResolvedModel:
 
     try:
         folder = Path(
-            snapshot_download(repo_id=repo_id, allow_patterns=HUB_ALLOW_PATTERNS, ignore_patterns=HUB_IGNORE_PATTERNS)
+            snapshot_download(
+                repo_id=repo_id, allow_patterns=HUB_ALLOW_PATTERNS, ignore_patterns=HUB_IGNORE_PATTERNS
+            )
         )
     except Exception as e:  # offline, unknown/gated repo, bad id: all end as one readable line
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
@@ -67,7 +69,9 @@ def _from_hub(repo_id: str) -> ResolvedModel:
             f"from the Hugging Face Hub: {reason}"
         ) from None
     if not (folder / "config.json").is_file():
-        raise ModelNotFoundError(f"Hub repository {repo_id!r} has no config.json (GGUF-only repos need a file path)")
+        raise ModelNotFoundError(
+            f"Hub repository {repo_id!r} has no config.json (GGUF-only repos need a file path)"
+        )
     return ResolvedModel(folder, "hf", repo_id)
 
 

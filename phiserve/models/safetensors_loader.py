@@ -36,7 +36,9 @@ def normalize_hf_config(cfg: dict[str, Any]) -> dict[str, Any]:
     if "partial_rotary_factor" in rope:
         out.setdefault("partial_rotary_factor", rope["partial_rotary_factor"])
     if out.get("rope_scaling") is None and rope.get("rope_type", "default") != "default":
-        out["rope_scaling"] = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
+        out["rope_scaling"] = {
+            k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")
+        }
     return out
 
 
@@ -71,8 +73,11 @@ def _fused_splits(name: str, cfg: ModelConfig) -> list[tuple[str, int, int]] | N
     if name.endswith("self_attn.qkv_proj.weight"):
         base = name.removesuffix("qkv_proj.weight")
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        return [(base + "q_proj.weight", 0, q), (base + "k_proj.weight", q, q + kv),
-                (base + "v_proj.weight", q + kv, q + 2 * kv)]
+        return [
+            (base + "q_proj.weight", 0, q),
+            (base + "k_proj.weight", q, q + kv),
+            (base + "v_proj.weight", q + kv, q + 2 * kv),
+        ]
     if name.endswith("mlp.gate_up_proj.weight"):  # HF Phi3MLP: gate, up = chunk(2); gate first
         base = name.removesuffix("gate_up_proj.weight")
         n = cfg.intermediate_size

@@ -6,12 +6,18 @@ import json
 
 import pytest
 import torch
-from tiny_checkpoints import ROPE_THETA, VOCAB, hf_logits, make_llama, make_phi3
 
 from phiserve.models.config import ModelConfig
 from phiserve.models.decoder import Decoder
-from phiserve.models.loader import ModelNotFoundError, WeightLoadError, load_model, load_weights, resolve_model
+from phiserve.models.loader import (
+    ModelNotFoundError,
+    WeightLoadError,
+    load_model,
+    load_weights,
+    resolve_model,
+)
 from phiserve.models.safetensors_loader import iter_safetensors_weights, read_hf_config, safetensors_files
+from tests.models.tiny_checkpoints import ROPE_THETA, VOCAB, hf_logits, make_llama, make_phi3
 
 IDS = torch.randint(0, VOCAB, (20,), generator=torch.Generator().manual_seed(1))
 
@@ -25,8 +31,13 @@ def _ours(folder, dtype=torch.float32) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     ("arch", "tied", "sharded"),
-    [("llama", False, False), ("llama", True, False), ("llama", False, True), ("phi3", False, False),
-     ("phi3", False, True)],
+    [
+        ("llama", False, False),
+        ("llama", True, False),
+        ("llama", False, True),
+        ("phi3", False, False),
+        ("phi3", False, True),
+    ],
 )
 def test_safetensors_matches_transformers(tmp_path, arch, tied, sharded) -> None:
     model = make_llama(tied) if arch == "llama" else make_phi3()
@@ -35,6 +46,18 @@ def test_safetensors_matches_transformers(tmp_path, arch, tied, sharded) -> None
     cfg = read_hf_config(tmp_path)
     assert (cfg.architecture, cfg.tie_word_embeddings, cfg.rope_theta) == (arch, tied, ROPE_THETA)
     torch.testing.assert_close(_ours(tmp_path), hf_logits(model, IDS), atol=1e-4, rtol=1e-4)
+
+
+def test_llama3_rope_scaling_from_rope_parameters(tmp_path) -> None:
+    model = make_llama(tied=False, llama3_rope=True)
+    model.save_pretrained(tmp_path)
+    cfg = read_hf_config(tmp_path)
+    assert cfg.rope_scaling is not None and cfg.rope_scaling["rope_type"] == "llama3"
+    ids = torch.randint(0, VOCAB, (120,), generator=torch.Generator().manual_seed(3))  # past the 64 context
+    _, decoder, _ = load_model(str(tmp_path))
+    with torch.no_grad():
+        ours = decoder(ids, torch.arange(len(ids)))
+    torch.testing.assert_close(ours, hf_logits(model, ids), atol=1e-4, rtol=1e-4)
 
 
 def test_tied_embedding_shares_memory(tmp_path) -> None:
@@ -51,7 +74,9 @@ def test_bf16_load_close_to_fp32_reference(tmp_path, arch) -> None:
     ours = _ours(tmp_path, torch.bfloat16)
     ref = hf_logits(model, IDS)
     assert ours.dtype == torch.float32  # logits always come back fp32
-    assert (ours - ref).abs().max() <= 2e-2 * ref.abs().max()
+    # bf16 keeps ~3 significant digits: a few bf16 ulps per logit, against an exact-weights reference.
+    assert (ours - ref).norm() <= 3e-2 * ref.norm()  # measured ~1.2-1.5e-2 here
+    assert (ours - ref).abs().max() <= 5e-2 * ref.abs().max()
     assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
 
 
@@ -77,8 +102,15 @@ def test_transformers4_style_config(tmp_path) -> None:
 
 
 def _tiny_cfg() -> ModelConfig:
-    return ModelConfig(vocab_size=16, hidden_size=8, intermediate_size=12, num_layers=1, num_heads=2,
-                       num_kv_heads=1, head_dim=4)
+    return ModelConfig(
+        vocab_size=16,
+        hidden_size=8,
+        intermediate_size=12,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=4,
+    )
 
 
 def _tensors(cfg: ModelConfig) -> dict[str, torch.Tensor]:

@@ -27,11 +27,49 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(0.15 * torch.randn(p.shape, generator=g))
 
 
-def make_llama(tied: bool, seed: int = 0) -> LlamaForCausalLM:
+# Llama 3.x rope scaling, sized so the tiny head (8 frequencies) has kept, blended and slowed bands.
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+
+
+def llama3_rope_divisors() -> np.ndarray:
+    """The rope_freqs tensor llama.cpp's converter writes for LLAMA3_ROPE: per-frequency divisors."""
+    s = LLAMA3_ROPE
+    inv_freq = 1.0 / ROPE_THETA ** (np.arange(0, HEAD_DIM, 2) / HEAD_DIM)
+    wavelen = 2 * np.pi / inv_freq
+    old_ctx, low, high, factor = (
+        s["original_max_position_embeddings"],
+        s["low_freq_factor"],
+        s["high_freq_factor"],
+        s["factor"],
+    )
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    blended = 1 / ((1 - smooth) / factor + smooth)
+    out = np.where(wavelen < old_ctx / high, 1.0, np.where(wavelen > old_ctx / low, factor, blended))
+    return out.astype(np.float32)
+
+
+def make_llama(tied: bool, seed: int = 0, llama3_rope: bool = False) -> LlamaForCausalLM:
+    rope = {"rope_parameters": {"rope_theta": ROPE_THETA, **LLAMA3_ROPE}} if llama3_rope else {}
     cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, rope_theta=ROPE_THETA, rms_norm_eps=EPS,
-        max_position_embeddings=256, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2,
+        **rope,
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=INTER,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        rope_theta=ROPE_THETA,
+        rms_norm_eps=EPS,
+        max_position_embeddings=256,
+        tie_word_embeddings=tied,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     model = LlamaForCausalLM(cfg).eval()
     _randomize(model, seed)
@@ -42,10 +80,20 @@ def make_llama(tied: bool, seed: int = 0) -> LlamaForCausalLM:
 
 def make_phi3(seed: int = 0) -> Phi3ForCausalLM:
     cfg = Phi3Config(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, rope_theta=ROPE_THETA, rms_norm_eps=EPS,
-        max_position_embeddings=256, original_max_position_embeddings=256, pad_token_id=0,
-        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=INTER,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        rope_theta=ROPE_THETA,
+        rms_norm_eps=EPS,
+        max_position_embeddings=256,
+        original_max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
     )
     model = Phi3ForCausalLM(cfg).eval()
     _randomize(model, seed)
@@ -67,11 +115,14 @@ def _add(writer: GGUFWriter, name: str, w: np.ndarray, qtype: GGMLQuantizationTy
     if w.ndim == 1 or qtype == GGMLQuantizationType.F32:
         writer.add_tensor(name, w)
     else:
-        writer.add_tensor(name, quantize(w, qtype), raw_shape=w.shape, raw_dtype=qtype)
+        writer.add_tensor(name, quantize(w, qtype), raw_dtype=qtype)  # shape from the byte array
 
 
 def write_gguf(
-    model: torch.nn.Module, path: Path, qtype: GGMLQuantizationType = GGMLQuantizationType.F32
+    model: torch.nn.Module,
+    path: Path,
+    qtype: GGMLQuantizationType = GGMLQuantizationType.F32,
+    rope_freqs: np.ndarray | None = None,
 ) -> Path:
     """Convert a tiny Llama or Phi3 model to GGUF the way convert_hf_to_gguf lays it out."""
     cfg = model.config
@@ -94,6 +145,8 @@ def write_gguf(
     writer.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
 
     _add(writer, "token_embd.weight", sd["model.embed_tokens.weight"], qtype)
+    if rope_freqs is not None:
+        writer.add_tensor("rope_freqs.weight", rope_freqs)
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
         _add(writer, f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"], qtype)
