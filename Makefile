@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 STAMP := $(VENV)/.installed
 
-.PHONY: run test venv lint bench clean
+.PHONY: run test venv lint bench bench-install clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -27,8 +27,24 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check phiserve tests bench
 	$(PY) -m pytest -q tests
 
-bench: $(STAMP)
-	$(PY) bench/serve.py --quick
+# The baseline (llama-cpp-python) lives in its own venv so `make test` never needs it.
+# No CPU wheel is on PyPI: pip compiles llama.cpp from source (~10-20 min on 2 cores).
+BENCH_VENV ?= bench/.venv
+BENCH_STAMP := $(BENCH_VENV)/.installed
+BENCH_CMAKE_ARGS ?= -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DGGML_OPENMP=ON
+BENCH_ARGS ?= --quick
+
+$(BENCH_STAMP):
+	python3 -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q --upgrade pip
+	CMAKE_ARGS="$(BENCH_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(BENCH_VENV)/bin/pip install 'llama-cpp-python[server]'
+	touch $(BENCH_STAMP)
+
+bench-install: $(BENCH_STAMP)
+
+bench: $(STAMP) $(BENCH_STAMP)
+	$(PY) bench/serve.py $(BENCH_ARGS) --baseline-python $(BENCH_VENV)/bin/python
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -18,7 +18,7 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8000, help="Port to listen on."),
     served_model_name: str = typer.Option(None, help="Name clients pass as `model`. Default: the model's own name."),
-    dtype: str = typer.Option("auto", help="auto|float32|bfloat16|float16: activation and weight precision."),
+    dtype: str = typer.Option("auto", help="auto|float32|bfloat16|float16|int8|int4: weight format (see docs/performance.md)."),
     device: str = typer.Option("auto", help="auto|cpu|cuda"),
     threads: int = typer.Option(None, help="Torch CPU threads (default: all cores)."),
     block_size: int = typer.Option(16, help="Tokens per KV cache block."),

@@ -11,8 +11,9 @@ from prometheus_client import CollectorRegistry
 from phiserve.api.usage import Prices, UsageLedger
 from phiserve.engine.async_engine import AsyncEngine
 from phiserve.engine.llm_engine import EngineConfig, LLMEngine
-from phiserve.models.loader import load_model
+from phiserve.models.loader import load_model, resolve_model
 from phiserve.tokenizer.chat_template import ChatTemplate
+from phiserve.tokenizer.stops import fallback_chat_template, generation_config_eos_ids, stop_token_ids
 from phiserve.tokenizer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -37,10 +38,31 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+@dataclass(frozen=True)
+class Precision:
+    """How weights and activations are held; see docs/performance.md for the measurements behind auto."""
+
+    act_dtype: torch.dtype  # residual stream, attention and KV cache
+    weight_format: str | None  # linear.WEIGHT_FORMATS, None = keep the load dtype
+    lm_head_format: str | None = None
+    keep_dense: bool = False  # hybrid: dense weights for prefill rows beside packed ones for decodes
+
+
+def pick_precision(name: str, device: torch.device, is_gguf: bool) -> Precision:
+    if device.type != "cpu":
+        if name in ("int8", "int4"):
+            raise ValueError(f"--dtype {name} uses CPU kernels; on {device.type} use bfloat16 or float16")
+        act = torch.float16 if name == "float16" else torch.float32 if name == "float32" else torch.bfloat16
+        return Precision(act, None)
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+        # GGUF Q4_1 layers map exactly onto torch's int4 kernel: int4 for decodes, the dense fp32
+        # copy for prefill GEMMs, and a bf16 output head (the int4 re-quantized Q8_0 head costs ~50x KL).
+        return Precision(torch.float32, "int4", "bfloat16", keep_dense=True) if is_gguf else Precision(torch.float32, None)
+    if name in ("int8", "int4"):
+        return Precision(torch.float32, name, "bfloat16")
+    if name in ("float32", "bfloat16", "float16"):
+        return Precision(torch.float32, name)
+    raise ValueError(f"unknown --dtype {name!r}: choose auto, float32, bfloat16, float16, int8 or int4")
 
 
 class ModelHost:
@@ -48,28 +70,30 @@ class ModelHost:
         if options.threads:
             torch.set_num_threads(options.threads)
         device = pick_device(options.device)
-        dtype = pick_dtype(options.dtype, device)
-        config, model, resolved = load_model(options.model, dtype=dtype, device=device)
-        self.name = options.served_model_name or resolved.served_name
+        source = resolve_model(options.model)
+        precision = pick_precision(options.dtype, device, source.kind == "gguf")
+        dtype = precision.act_dtype
+        config, model, resolved = load_model(
+            str(source.path), dtype=dtype, device=device, weight_format=precision.weight_format,
+            lm_head_format=precision.lm_head_format, keep_dense=precision.keep_dense,
+        )
+        self.name = options.served_model_name or source.served_name
         self.tokenizer = Tokenizer.from_gguf(resolved.path) if resolved.kind == "gguf" else Tokenizer.from_hf_folder(resolved.path)
-        if self.tokenizer.chat_template is None:
+        template_source = self.tokenizer.chat_template or fallback_chat_template(self.tokenizer)
+        if template_source is None:
             raise ValueError(f"{resolved.path} has no chat template")
-        self.template = ChatTemplate(self.tokenizer.chat_template, self.tokenizer.bos_token or "", self.tokenizer.eos_token or "")
-        stop_ids = set(config.eos_token_ids)
-        if self.tokenizer.eos_token_id is not None:
-            stop_ids.add(self.tokenizer.eos_token_id)
-        for token in self.template.end_of_turn_tokens:
-            token_id = self.tokenizer.token_to_id(token)
-            if token_id is not None:
-                stop_ids.add(token_id)
-        self.stop_token_ids = sorted(stop_ids)
+        self.template = ChatTemplate(template_source, self.tokenizer.bos_token or "", self.tokenizer.eos_token or "")
+        # Union of every source: Phi-4's files name only <|endoftext|>, its turns end with <|im_end|>.
+        eos_ids = [*config.eos_token_ids, *(generation_config_eos_ids(resolved.path) if resolved.kind == "hf" else [])]
+        self.stop_token_ids = stop_token_ids(self.tokenizer, self.template, eos_ids)
         self.prices = Prices.for_model(self.name, options.input_price, options.output_price)
         self.ledger = UsageLedger(self.name, registry)
         llm = LLMEngine(model, self.tokenizer, options.engine, device, kv_dtype=dtype)
         self.max_model_len = llm.max_model_len
+        self.grammars = llm.grammars  # the API validates grammars against the engine's tokenizer up front
         self.engine = AsyncEngine(llm, options.threads, on_finish=self.ledger.record)
         self.engine.start()
-        log.info("serving %s from %s on %s (%s), context %d", self.name, resolved.path, device, dtype, self.max_model_len)
+        log.info("serving %s from %s on %s (%s), context %d", self.name, resolved.path, device, precision, self.max_model_len)
 
     def shutdown(self) -> None:
         self.engine.stop()

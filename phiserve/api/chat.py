@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from phiserve.api.chat_tools import ChatPlan, ChoiceShaper, plan_chat
 from phiserve.api.errors import OpenAIError
 from phiserve.api.generation import (
     check_model,
@@ -44,38 +45,38 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request, h
     check_model(req, host)
     if req.top_logprobs and not req.logprobs:
         raise OpenAIError(400, "top_logprobs requires logprobs to be true.", param="top_logprobs", code="invalid_value")
-    if req.tool_choice not in (None, "none", "auto") or req.tools:
-        raise OpenAIError(400, "tools and tool_choice other than 'none'/'auto' are not supported yet.", param="tools", code="unsupported_parameter")
-    if req.response_format is not None and req.response_format.type != "text":
-        raise OpenAIError(400, "response_format other than 'text' is not supported yet.", param="response_format", code="unsupported_parameter")
-    prompt_ids = render_prompt(req, host)
+    plan = await plan_chat(req, host)  # tools, tool_choice, response_format (api/chat_tools.py)
+    prompt_ids = render_prompt(req, host) if plan.prompt is None else host.tokenizer.encode(plan.prompt)
     params = sampling_params(req, host, len(prompt_ids), req.requested_max_tokens, req.logprobs, req.top_logprobs or 0)
+    params.grammar = plan.grammar
     request_id = new_id("chatcmpl")
     host.ledger.register(request_id, req.user, req.n)  # OpenAI's `user`: kept in the usage ledger
     outputs = host.engine.generate(request_id, prompt_ids, params, req.n)
     if req.stream:
-        return StreamingResponse(_stream(req, host, request_id, outputs, len(prompt_ids)), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(_stream(req, host, request_id, outputs, len(prompt_ids), plan), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     results = await run_until_disconnect(request, outputs)
-    return JSONResponse(_response(req, host, request_id, results))
+    return JSONResponse(_response(req, host, request_id, results, plan))
 
 
-def _response(req: ChatCompletionRequest, host: ModelHost, request_id: str, results: list[ChoiceOutput]) -> dict:
-    texts = [""] * req.n
+def _response(req: ChatCompletionRequest, host: ModelHost, request_id: str, results: list[ChoiceOutput], plan: ChatPlan | None = None) -> dict:
+    # Fed delta by delta exactly as when streaming, so both give the same message.
+    shapers: list[ChoiceShaper] = [(plan or ChatPlan()).shaper() for _ in range(req.n)]
     logprobs: list[list[dict]] = [[] for _ in range(req.n)]
     finals: dict[int, ChoiceOutput] = {}
     for out in results:
-        texts[out.index] += out.text
+        shapers[out.index].feed(out.text)
         logprobs[out.index].extend(token_logprob_entry(host, lp) for lp in out.logprobs)
         if out.finish_reason is not None:
             finals[out.index] = out
+            shapers[out.index].finish()
     choices = []
     for i in range(req.n):
         choices.append(
             {
                 "index": i,
-                "message": {"role": "assistant", "content": texts[i], "refusal": None},
+                "message": shapers[i].message(),
                 "logprobs": {"content": logprobs[i], "refusal": None} if req.logprobs else None,
-                "finish_reason": finals[i].finish_reason,
+                "finish_reason": shapers[i].finish_reason(finals[i].finish_reason),
             }
         )
     prompt_tokens = finals[0].num_prompt_tokens
@@ -95,8 +96,9 @@ def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def _stream(req: ChatCompletionRequest, host: ModelHost, request_id: str, outputs: AsyncIterator[ChoiceOutput], prompt_len: int) -> AsyncIterator[str]:
+async def _stream(req: ChatCompletionRequest, host: ModelHost, request_id: str, outputs: AsyncIterator[ChoiceOutput], prompt_len: int, plan: ChatPlan | None = None) -> AsyncIterator[str]:
     created = now()
+    shapers = [(plan or ChatPlan()).shaper() for _ in range(req.n)]
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
     completion_tokens = [0] * req.n
@@ -113,17 +115,21 @@ async def _stream(req: ChatCompletionRequest, host: ModelHost, request_id: str, 
 
     try:
         for i in range(req.n):
-            yield chunk(i, {"role": "assistant", "content": ""}, usage=usage() if continuous else None)
+            yield chunk(i, {"role": "assistant", "content": (plan or ChatPlan()).initial_content}, usage=usage() if continuous else None)
         async for out in outputs:
             prompt_tokens, cached_tokens = out.num_prompt_tokens, out.num_cached_tokens
             completion_tokens[out.index] = out.num_output_tokens
             logprobs = [token_logprob_entry(host, lp) for lp in out.logprobs] if req.logprobs and out.logprobs else None
-            if out.text or logprobs:
-                yield chunk(out.index, {"content": out.text}, logprobs=logprobs, usage=usage() if continuous else None)
+            shaper = shapers[out.index]
+            deltas = shaper.feed(out.text) + (shaper.finish() if out.finish_reason is not None else [])
+            if logprobs and not deltas:
+                deltas = [{}]  # held-back text (a possible tool call) still reports its tokens' logprobs
+            for k, delta in enumerate(deltas):
+                yield chunk(out.index, delta, logprobs=logprobs if k == 0 else None, usage=usage() if continuous else None)
             if out.finish_reason is not None:
                 remaining -= 1
                 # Like the hosted provider, the last chunk with a finish_reason carries usage.
-                yield chunk(out.index, {}, out.finish_reason, usage=usage() if (remaining == 0 or continuous) else None)
+                yield chunk(out.index, {}, shaper.finish_reason(out.finish_reason), usage=usage() if (remaining == 0 or continuous) else None)
         if include_usage:
             yield sse({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": host.name, "system_fingerprint": None, "choices": [], "usage": usage()})
         yield sse("[DONE]")

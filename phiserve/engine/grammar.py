@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -61,6 +61,10 @@ class GrammarMatcher:
     def advance(self, token_id: int) -> bool:
         """Consume a sampled token; False means the matcher rejected it (it is then in an error state)."""
         return self._matcher.consume_token(token_id)
+
+    def forced_tokens(self) -> list[int]:
+        """Tokens the grammar allows as the only continuation from here (may be empty)."""
+        return self._matcher.compute_ff_tokens()
 
     @property
     def is_done(self) -> bool:
@@ -111,38 +115,39 @@ class GrammarBackend:
         return GrammarMatcher(self.lltokenizer, grammar)
 
     # ---- masks ----------------------------------------------------------------------------------
-    def submit_masks(
-        self, num_rows: int, rows: Sequence[tuple[int, GrammarMatcher, Sequence[int]]]
-    ) -> Future[torch.Tensor]:
-        """Start computing a bool [num_rows, vocab] allowed-token mask in the worker thread.
+    def submit_masks(self, rows: Sequence[tuple[GrammarMatcher, Collection[int]]]) -> Future[torch.Tensor]:
+        """Start computing the bool [len(rows), vocab] allowed-token masks in the worker thread.
 
-        `rows` holds (row index, matcher, stop token ids) for every constrained row; other rows
-        allow everything. The matchers must not be advanced until the future is done.
+        `rows` holds (matcher, the sequence's stop token ids) per constrained row. The matchers must
+        not be advanced until the future is done.
         """
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="phiserve-grammar")
-            self._executor = llguidance.LLExecutor(num_threads=max(1, min(4, (os.cpu_count() or 2) // 2)))
-        return self._pool.submit(self.compute_masks, num_rows, rows)
+        return self._pool.submit(self.compute_masks, rows)
 
-    def compute_masks(self, num_rows: int, rows: Sequence[tuple[int, GrammarMatcher, Sequence[int]]]) -> torch.Tensor:
+    def compute_masks(self, rows: Sequence[tuple[GrammarMatcher, Collection[int]]]) -> torch.Tensor:
         v = self.vocab_size
         words = (v + 31) // 32
         bitmask = torch.zeros(len(rows), words, dtype=torch.int32)
         if self._executor is None:
-            self._executor = llguidance.LLExecutor(num_threads=1)
-        pairs: list[tuple[Any, int]] = [(m.raw, k) for k, (_, m, _) in enumerate(rows)]
+            self._executor = llguidance.LLExecutor(num_threads=max(1, min(4, (os.cpu_count() or 2) // 2)))
+        pairs: list[tuple[Any, int]] = [(m.raw, k) for k, (m, _) in enumerate(rows)]
         self._executor.unsafe_compute_mask_ptr(pairs, bitmask.data_ptr(), words * 4, len(rows))
-        bits = ((bitmask.unsqueeze(-1) >> _BITS) & 1).view(len(rows), words * 32)[:, :v].bool()
-        allowed = torch.ones(num_rows, v, dtype=torch.bool)
-        for k, (row, matcher, stop_ids) in enumerate(rows):
-            mask = bits[k]
+        allowed = ((bitmask.unsqueeze(-1) >> _BITS) & 1).view(len(rows), words * 32)[:, :v].bool()
+        for mask, (matcher, stop_ids) in zip(allowed, rows, strict=True):
             # The model's end-of-turn tokens may differ from the tokenizer's EOS that llguidance knows.
             if stop_ids and (matcher.is_accepting or not bool(mask.any())):
                 mask[list(stop_ids)] = True
             if not bool(mask.any()):  # error state and no stop token: let the row finish somehow
                 mask.fill_(True)
-            allowed[row] = mask
         return allowed
+
+
+def batch_mask(num_rows: int, masks: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+    """The sampler's [num_rows, vocab] mask: `masks[k]` at row `rows[k]`, everything allowed elsewhere."""
+    allowed = torch.ones(num_rows, masks.shape[1], dtype=torch.bool)
+    allowed[list(rows)] = masks
+    return allowed
 
     def close(self) -> None:
         if self._pool is not None:

@@ -47,12 +47,16 @@ class BlockManager:
         return max(0, -(-total // self.block_size) - len(seq.block_table))
 
     def match_prefix(self, seq: Sequence) -> None:
-        """Attach the cached blocks of seq's prefix (first schedule only). Leaves at least one token to compute."""
+        """Attach the cached blocks of seq's prefix (first schedule only).
+
+        Leaves at least two tokens to compute, so the rest of the prompt is a prefill chunk (a lone
+        token would take the decode kernels and change the numerics of a cached vs uncached prompt).
+        """
         assert not seq.block_table and seq.num_computed_tokens == 0
         if not self.enable_prefix_caching:
             return
         parent = None
-        max_blocks = (seq.num_tokens - 1) // self.block_size
+        max_blocks = (seq.num_tokens - 2) // self.block_size
         for i in range(max_blocks):
             tokens = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
             h = chain_hash(parent, tokens)

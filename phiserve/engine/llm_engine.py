@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from phiserve.engine.grammar import GrammarBackend, GrammarMatcher
+from phiserve.engine.grammar import GrammarBackend, GrammarMatcher, batch_mask
 from phiserve.engine.kv_cache import BlockManager
 from phiserve.engine.runner import ModelRunner, kv_bytes_per_token
 from phiserve.engine.sampler import Sampler, TokenLogprob
@@ -141,7 +141,7 @@ class LLMEngine:
         for seq in sampling:  # sampler state is taken at first sample, so waiting requests hold no slot
             if not self.sampler.has(seq.seq_id):
                 self.sampler.add(seq.seq_id, seq.params, seq.token_ids[: seq.num_prompt_tokens])
-        sampled = self.sampler.sample(logits, [s.seq_id for s in sampling], allowed_mask=masks.result() if masks else None)
+        sampled = self.sampler.sample(logits, [s.seq_id for s in sampling], allowed_mask=self._allowed_mask(masks, sampling))
         outputs = []
         for seq, token, logprob in zip(sampling, sampled.token_ids, sampled.logprobs, strict=True):
             outputs.append(self._append_token(self._choices[seq.seq_id], token, logprob))
@@ -152,20 +152,25 @@ class LLMEngine:
         seq.token_ids.append(token)
         reason = None
         text = ""
+        forced: list[int] = []
         if token in choice.stop_token_ids:
             reason, logprob = "stop", None  # the end-of-turn token is not part of the answer
         else:
             text, stopped = choice.stop_checker.feed(choice.detokenizer.push(token))
             if stopped:
                 reason = "stop"
-            elif choice.matcher is not None and (not choice.matcher.advance(token) or choice.matcher.is_done):
-                reason = "stop"  # the grammar is complete (or, never expected, broken): nothing may follow
+            elif choice.matcher is not None:
+                if not choice.matcher.advance(token) or choice.matcher.is_done:
+                    reason = "stop"  # the grammar is complete (or, never expected, broken): nothing may follow
+                else:
+                    forced, forced_text, reason = self._fast_forward(choice)
+                    text += forced_text
         if reason is None and (seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len):
             reason = "length"
         if reason is not None and not choice.stop_checker.stopped:
             # Length or end-of-turn: release text held back as a possible stop-string start.
             text += choice.stop_checker.feed(choice.detokenizer.flush())[0] + choice.stop_checker.flush()
-        out = self._output(choice, text, [token], [logprob] if logprob is not None else [])
+        out = self._output(choice, text, [token, *forced], [logprob] if logprob is not None else [])
         if reason is not None:
             self._release(choice, reason)
             out.finish_reason = reason
@@ -176,21 +181,55 @@ class LLMEngine:
                 self._requests.pop(choice.request_id, None)
         return out
 
-    def _start_masks(self, batch: ScheduledBatch) -> Future[torch.Tensor] | None:
-        """Start the allowed-token masks for this step's sampling rows, if any of them is constrained.
+    def _fast_forward(self, choice: _Choice) -> tuple[list[int], str, str | None]:
+        """Append the tokens the grammar forces next (e.g. `{"name": "f", "arguments": `) without
+        sampling them: the next step computes them as one chunk instead of one step per token.
 
-        Rows follow the runner's sampling order: the sequences whose last token is computed this step.
+        Returns the tokens, their text and a finish reason. Skipped when logprobs are requested,
+        since every output token must then carry one.
         """
-        row = 0
-        rows: list[tuple[int, GrammarMatcher, frozenset[int]]] = []
+        seq, matcher = choice.seq, choice.matcher
+        if matcher is None or seq.params.logprobs:
+            return [], "", None
+        budget = min(seq.params.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens)
+        forced: list[int] = []
+        text = ""
+        reason = None
+        for token in matcher.forced_tokens()[: max(0, budget)]:
+            if token in choice.stop_token_ids or not matcher.advance(token):
+                break
+            seq.token_ids.append(token)
+            forced.append(token)
+            piece, stopped = choice.stop_checker.feed(choice.detokenizer.push(token))
+            text += piece
+            if stopped:
+                reason = "stop"
+                break
+        if forced:
+            self.sampler.record_tokens(seq.seq_id, forced)  # penalties see forced tokens too
+        if reason is None and matcher.is_done:
+            reason = "stop"
+        return forced, text, reason
+
+    def _start_masks(self, batch: ScheduledBatch) -> tuple[list[int], Future[torch.Tensor]] | None:
+        """Start the allowed-token masks of this step's constrained sampling rows (those whose last
+        token is computed this step); returns their seq ids and the future of their masks."""
+        seq_ids: list[int] = []
+        rows: list[tuple[GrammarMatcher, frozenset[int]]] = []
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            if seq.num_computed_tokens + n != seq.num_tokens:
-                continue
             choice = self._choices[seq.seq_id]
-            if choice.matcher is not None:
-                rows.append((row, choice.matcher, choice.stop_token_ids))
-            row += 1
-        return self.grammars.submit_masks(row, rows) if rows else None
+            if choice.matcher is not None and seq.num_computed_tokens + n == seq.num_tokens:
+                seq_ids.append(seq.seq_id)
+                rows.append((choice.matcher, choice.stop_token_ids))
+        return (seq_ids, self.grammars.submit_masks(rows)) if rows else None
+
+    @staticmethod
+    def _allowed_mask(pending: tuple[list[int], Future[torch.Tensor]] | None, sampling: list[Sequence]) -> torch.Tensor | None:
+        if pending is None:
+            return None
+        seq_ids, future = pending
+        row_of = {seq.seq_id: row for row, seq in enumerate(sampling)}
+        return batch_mask(len(sampling), future.result(), [row_of[s] for s in seq_ids])
 
     def _release(self, choice: _Choice, reason: str) -> None:
         if choice.matcher is not None:

@@ -44,7 +44,11 @@ class ModelRunner:
         logits_rows: list[int] = []
         samplers: list[Sequence] = []
         bs = self.block_size
-        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+        # Prefill chunks first, then single-token decodes: the first `dense_rows` rows take dense
+        # weights, the rest the packed decode kernels (see models/linear.py).
+        work = sorted(zip(batch.seqs, batch.num_new_tokens, strict=True), key=lambda item: item[1] == 1)
+        dense_rows = sum(n for _, n in work if n > 1)
+        for seq, n in work:
             start, row = seq.num_computed_tokens, len(input_ids)
             end = start + n
             table = seq.block_table
@@ -79,7 +83,8 @@ class ModelRunner:
             torch.tensor(positions, device=self.device),
             self.kv_caches,
             meta,
-            torch.tensor(logits_rows, device=self.device),
+            torch.tensor(logits_rows, dtype=torch.long, device=self.device),  # may be empty: a prefill chunk that does not finish its prompt
+            dense_rows,
         )
         return logits, samplers
 

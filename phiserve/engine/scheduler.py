@@ -50,7 +50,9 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = chunk_size(seq.num_tokens - seq.num_computed_tokens, budget)
+            if n == 0:
+                continue
             while not self.block_manager.allocate(seq, n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -69,8 +71,8 @@ class Scheduler:
                 continue
             seq.leader = None
             self.block_manager.match_prefix(seq)
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self.block_manager.allocate(seq, n):
+            n = chunk_size(seq.num_tokens - seq.num_computed_tokens, budget)
+            if n == 0 or not self.block_manager.allocate(seq, n):
                 self.block_manager.free(seq)
                 seq.num_computed_tokens = seq.num_cached_tokens = 0
                 self.waiting.appendleft(seq)
@@ -106,6 +108,18 @@ class Scheduler:
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
+
+
+def chunk_size(remaining: int, budget: int) -> int:
+    """Tokens to compute this step (0 = wait). A multi-token remainder is never cut into a 1-token
+    piece: single-token rows take the decode kernels, so a prompt token must not land in one
+    depending on how busy the step is."""
+    n = min(remaining, budget)
+    if remaining == 1:
+        return n
+    if remaining - n == 1:
+        n -= 1
+    return n if n >= 2 else 0
 
 
 def _prompt_done(seq: Sequence) -> bool:

@@ -1,7 +1,7 @@
 """One decoder for the Llama/Phi3 family, in plain PyTorch, readable top to bottom.
 
-Parameter names follow Hugging Face's Llama layout (``model.layers.N.self_attn.q_proj.weight``...), so
-a Llama safetensors checkpoint loads as is; loaders translate Phi3's fused tensors and GGUF names.
+Parameter names follow Hugging Face's layout (``model.layers.N.self_attn.qkv_proj.weight``...), with
+q/k/v and gate/up fused as in Phi-3; loaders fuse Llama's separate tensors and translate GGUF names.
 Inputs are flattened: one row per token of every sequence in the batch (see ``attention.py``).
 """
 
@@ -53,13 +53,30 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+# Checkpoints store q/k/v and gate/up separately (Llama) or fused (Phi-3); the decoder always holds
+# them fused, so each layer runs two matmuls fewer. Loaders concatenate the parts in this order.
+FUSED_PARTS: dict[str, tuple[str, ...]] = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+
+
+def fused_target(name: str) -> tuple[str, int, int] | None:
+    """For a separate checkpoint tensor name, (fused parameter name, part index, number of parts)."""
+    for fused, parts in FUSED_PARTS.items():
+        for i, part in enumerate(parts):
+            suffix = f".{part}.weight"
+            if name.endswith(suffix):
+                return f"{name.removesuffix(suffix)}.{fused}.weight", i, len(parts)
+    return None
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim)
-        self.k_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim)
-        self.v_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim)
+        self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size)
         self.o_proj = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size)
         self.scale = cfg.head_dim**-0.5
 
@@ -70,25 +87,27 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         kv_cache: tuple[torch.Tensor, torch.Tensor] | None,
         meta: AttentionMetadata | None,
+        dense_rows: int | None,
     ) -> torch.Tensor:
         T = x.shape[0]
-        q = apply_rope(self.q_proj(x).view(T, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).view(T, self.num_kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv_proj(x, dense_rows).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rope(q.view(T, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(k.view(T, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache if kv_cache is not None else (None, None)
         o = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
-        return self.o_proj(o.reshape(T, self.num_heads * self.head_dim))
+        return self.o_proj(o.reshape(T, self.num_heads * self.head_dim), dense_rows)
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, dense_rows: int | None) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x, dense_rows).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up, dense_rows)
 
 
 class DecoderLayer(nn.Module):
@@ -99,9 +118,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, kv_cache, meta):  # noqa: ANN001, ANN201 - hot path, types as in Decoder
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, kv_cache, meta, dense_rows):  # noqa: ANN001, ANN201 - hot path, types as in Decoder
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta, dense_rows)
+        return x + self.mlp(self.post_attention_layernorm(x), dense_rows)
 
 
 class DecoderBody(nn.Module):
@@ -127,14 +146,22 @@ class Decoder(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
         meta: AttentionMetadata | None = None,
         logits_rows: torch.Tensor | None = None,
+        dense_rows: int | None = None,
     ) -> torch.Tensor:
-        """input_ids, positions: [T]. Returns fp32 logits [len(logits_rows) or T, vocab]."""
+        """input_ids, positions: [T]. Returns fp32 logits [len(logits_rows) or T, vocab].
+
+        ``dense_rows``: the leading rows (prefill chunks) that use dense weights where a layer also holds
+        packed ones; the rest (decodes) use the packed kernels. None: all rows dense.
+        """
+        if dense_rows is None:
+            dense_rows = input_ids.shape[0]
         x = self.model.embed_tokens(input_ids)
         freqs = positions.to(self.inv_freq.dtype)[:, None] * self.inv_freq[None, :]
         cos = freqs.cos().to(x.dtype).unsqueeze(1)
         sin = freqs.sin().to(x.dtype).unsqueeze(1)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, kv_caches[i] if kv_caches is not None else None, meta)
+            x = layer(x, cos, sin, kv_caches[i] if kv_caches is not None else None, meta, dense_rows)
         if logits_rows is not None:
+            dense_rows = int((logits_rows < dense_rows).sum())
             x = x[logits_rows]
-        return self.lm_head(self.model.norm(x)).float()
+        return self.lm_head(self.model.norm(x), dense_rows).float()

@@ -1,9 +1,10 @@
-"""Linear layer whose weight is held in the format that is fastest for the device.
+"""Linear layer whose weight is held in the formats that are fastest for each batch shape.
 
-Formats: ``float32`` (plain GEMM in the activation dtype), ``bfloat16`` (weights and matmul in bf16,
-activations cast at the boundary), ``int8`` (per-channel weight-only) and ``int4`` (group-32
-weight-only, torch's packed CPU layout). The residual stream keeps the model's activation dtype;
-only the matmul inputs are cast.
+Formats: dense ``float32`` / ``bfloat16`` (GEMM; activations cast at the boundary), and weight-only
+``int8`` (per channel) or ``int4`` (group-32, torch's packed CPU layout). A layer may hold a dense
+weight *and* a packed one ("hybrid"): rows of prefill chunks (many rows, compute-bound) take the
+dense GEMM, single-token decode rows (memory-bound) take the packed kernel. Which rows are which is
+decided by the runner per sequence, so a row's numerics never depend on what else is in the batch.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from torch import nn
 
 from phiserve.models import quant
 
-WEIGHT_FORMATS = ("float32", "bfloat16", "int8", "int4")
+WEIGHT_FORMATS = ("float32", "bfloat16", "float16", "int8", "int4")
 
 
 class Linear(nn.Module):
@@ -22,40 +23,53 @@ class Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
-        self.format = "dense"
+        self.packed_format: str | None = None  # "int4" | "int8" when a packed copy exists
         self.packed: torch.Tensor | None = None
         self.scales: torch.Tensor | None = None
+        self.has_dense = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.format == "int4":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(self.scales.dtype), self.packed, quant.INT4_GROUP, self.scales)
-            return y.to(x.dtype)
-        if self.format == "int8":
-            return torch.ops.aten._weight_int8pack_mm(x.to(self.scales.dtype), self.packed, self.scales).to(x.dtype)
+    def forward(self, x: torch.Tensor, dense_rows: int | None = None) -> torch.Tensor:
+        """``dense_rows``: leading rows that take the dense weight when the layer also holds a packed one."""
+        if self.packed_format is None:
+            return self._dense(x)
+        if not self.has_dense or dense_rows is None or dense_rows == 0:
+            return self._packed(x)
+        if dense_rows >= x.shape[0]:
+            return self._dense(x)
+        return torch.cat([self._dense(x[:dense_rows]), self._packed(x[dense_rows:])])
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if w.dtype != x.dtype:
             return F.linear(x.to(w.dtype), w).to(x.dtype)
         return F.linear(x, w)
 
-    def to_dense(self, dtype: torch.dtype) -> None:
+    def _packed(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed_format == "int4":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(self.scales.dtype), self.packed, quant.INT4_GROUP, self.scales)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x.to(self.scales.dtype), self.packed, self.scales)
+        return y.to(x.dtype)
+
+    def set_dense(self, dtype: torch.dtype) -> None:
         self.weight = nn.Parameter(self.weight.detach().to(dtype), requires_grad=False)
-        self.format = "dense"
 
-    def to_int4(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, act_dtype: torch.dtype = torch.bfloat16) -> None:
-        """Hold the weight as packed int4 (q in 0..15, w = (q - 8) * scale + zero per group of 32)."""
+    def set_int4(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, keep_dense: bool, act_dtype: torch.dtype = torch.bfloat16) -> None:
+        """Add a packed int4 copy (q in 0..15, w = (q - 8) * scale + zero per group of 32)."""
         self.packed, self.scales = quant.pack_int4(q, scale, zero, act_dtype)
-        self._drop_dense()
-        self.format = "int4"
+        self.packed_format = "int4"
+        self._keep_dense(keep_dense)
 
-    def to_int8(self, act_dtype: torch.dtype = torch.bfloat16) -> None:
+    def set_int8(self, keep_dense: bool, act_dtype: torch.dtype = torch.bfloat16) -> None:
         q, scale = quant.quantize_int8(self.weight.detach())
         self.packed, self.scales = q, scale.to(act_dtype)
-        self._drop_dense()
-        self.format = "int8"
+        self.packed_format = "int8"
+        self._keep_dense(keep_dense)
 
-    def _drop_dense(self) -> None:
-        # Keep the (shape-only) parameter slot so state_dict/loader code still sees the layer.
-        self.weight = nn.Parameter(torch.empty(0), requires_grad=False)
+    def _keep_dense(self, keep: bool) -> None:
+        self.has_dense = keep
+        if not keep:  # free the dense copy; the parameter slot stays so the module still lists it
+            self.weight = nn.Parameter(torch.empty(0), requires_grad=False)
 
 
 def convert_linears(
@@ -63,11 +77,13 @@ def convert_linears(
     fmt: str,
     q4_1_blocks: dict[str, tuple[object, tuple[int, int]]] | None = None,
     lm_head_format: str | None = None,
+    keep_dense: bool = False,
 ) -> None:
     """Put every Linear of ``model`` in format ``fmt`` (``lm_head`` in ``lm_head_format`` if given).
 
     For int4, layers whose checkpoint tensor was GGUF Q4_1 (``q4_1_blocks``: parameter name -> raw
     blocks and shape) are converted exactly; other layers are quantized from their float weights.
+    ``keep_dense`` keeps the dense weight beside a packed one, for the hybrid prefill/decode split.
     """
     if fmt not in WEIGHT_FORMATS:
         raise ValueError(f"unknown weight format {fmt!r}; choose from {', '.join(WEIGHT_FORMATS)}")
@@ -75,11 +91,11 @@ def convert_linears(
         if not isinstance(module, Linear):
             continue
         target = lm_head_format if (name == "lm_head" and lm_head_format) else fmt
-        if target in ("float32", "bfloat16"):
-            module.to_dense(getattr(torch, target))
+        if target in ("float32", "bfloat16", "float16"):
+            module.set_dense(getattr(torch, target))
         elif target == "int8":
-            module.to_int8()
+            module.set_int8(keep_dense)
         else:
             raw = (q4_1_blocks or {}).get(f"{name}.weight")
             q, scale, zero = quant.q4_1_to_int4(*raw) if raw is not None else quant.quantize_int4(module.weight.detach())
-            module.to_int4(q, scale, zero)
+            module.set_int4(q, scale, zero, keep_dense)

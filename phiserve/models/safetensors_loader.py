@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.utils import tqdm as hf_tqdm
 from safetensors import safe_open
 
 from phiserve.models.config import ModelConfig
@@ -68,23 +69,6 @@ def safetensors_files(folder: str | os.PathLike[str]) -> list[Path]:
     return files
 
 
-def _fused_splits(name: str, cfg: ModelConfig) -> list[tuple[str, int, int]] | None:
-    """Row ranges of Phi3's fused tensors as (Decoder name, start, stop); None for ordinary tensors."""
-    if name.endswith("self_attn.qkv_proj.weight"):
-        base = name.removesuffix("qkv_proj.weight")
-        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        return [
-            (base + "q_proj.weight", 0, q),
-            (base + "k_proj.weight", q, q + kv),
-            (base + "v_proj.weight", q + kv, q + 2 * kv),
-        ]
-    if name.endswith("mlp.gate_up_proj.weight"):  # HF Phi3MLP: gate, up = chunk(2); gate first
-        base = name.removesuffix("gate_up_proj.weight")
-        n = cfg.intermediate_size
-        return [(base + "gate_proj.weight", 0, n), (base + "up_proj.weight", n, 2 * n)]
-    return None
-
-
 def iter_safetensors_weights(
     folder: str | os.PathLike[str],
     cfg: ModelConfig,
@@ -93,30 +77,27 @@ def iter_safetensors_weights(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(Decoder name, tensor) pairs, shard by shard, each already in ``dtype`` on ``device``.
 
-    Phi3's fused ``qkv_proj``/``gate_up_proj`` are split (reading only each piece's rows). With tied
-    embeddings and no ``lm_head.weight`` in the checkpoint, ``lm_head.weight`` is yielded last as the
+    Phi3's fused ``qkv_proj``/``gate_up_proj`` pass through as they are (the Decoder holds them fused;
+    ``loader.load_weights`` fuses Llama's separate tensors). With tied embeddings and no ``lm_head.weight`` in the checkpoint, ``lm_head.weight`` is yielded last as the
     very same tensor as the embedding, so the two share memory.
     """
     embed: torch.Tensor | None = None
     has_lm_head = False
-    for path in safetensors_files(folder):
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                if name.endswith("rotary_emb.inv_freq"):
-                    continue  # old checkpoints store the rope buffer; the Decoder computes its own
-                splits = _fused_splits(name, cfg)
-                if splits is not None:
-                    sl = f.get_slice(name)
-                    rows = sl.get_shape()[0]
-                    if rows != splits[-1][2]:
-                        raise ValueError(f"{name}: {rows} rows, expected {splits[-1][2]} from config.json")
-                    for sub, a, b in splits:
-                        yield sub, sl[a:b].to(device=device, dtype=dtype)
-                    continue
-                tensor = f.get_tensor(name).to(device=device, dtype=dtype)
-                if name == "model.embed_tokens.weight":
-                    embed = tensor
-                has_lm_head |= name == "lm_head.weight"
-                yield name, tensor
+    files = safetensors_files(folder)
+    # A shard-by-shard bar on stderr: a 29 GB Phi-4 takes minutes. huggingface_hub's tqdm honours
+    # HF_HUB_DISABLE_PROGRESS_BARS.
+    with hf_tqdm(total=len(files), desc="Loading safetensors shards", unit="shard") as progress:
+        for path in files:
+            progress.set_postfix_str(path.name, refresh=False)
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    if name.endswith("rotary_emb.inv_freq"):
+                        continue  # old checkpoints store the rope buffer; the Decoder computes its own
+                    tensor = f.get_tensor(name).to(device=device, dtype=dtype)
+                    if name == "model.embed_tokens.weight":
+                        embed = tensor
+                    has_lm_head |= name == "lm_head.weight"
+                    yield name, tensor
+            progress.update(1)
     if cfg.tie_word_embeddings and not has_lm_head and embed is not None:
         yield "lm_head.weight", embed

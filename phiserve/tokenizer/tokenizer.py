@@ -213,7 +213,10 @@ class Tokenizer:
             raise TokenizerError(f"{folder}: no tokenizer.json or vocab.json + merges.txt found")
 
         # added_tokens_decoder may declare tokens missing from tokenizer.json (always so for vocab.json).
+        # A declared token that is only an ordinary vocab entry (GPT-2 style vocab.json lists
+        # <|endoftext|>) must still become an added token, else "<|im_start|>" in a prompt is BPE'd.
         decl = config.get("added_tokens_decoder") or {}
+        added_contents = {t.content for t in backend.get_added_tokens_decoder().values()}
         special_ids: set[int] = set()
         to_add: list[tuple[int, AddedToken]] = []
         for sid, spec in sorted(decl.items(), key=lambda kv: int(kv[0])):
@@ -222,14 +225,14 @@ class Tokenizer:
                 continue
             if spec.get("special", False):
                 special_ids.add(tid)
-            if backend.token_to_id(content) is None:
+            if content not in added_contents:
                 to_add.append((tid, _added_token(spec)))
         _add_tokens(backend, to_add)
 
         bos = _token_content(config.get("bos_token")) or _token_content(special_map.get("bos_token"))
         eos = _token_content(config.get("eos_token")) or _token_content(special_map.get("eos_token"))
         for tok in (bos, eos):
-            if tok is not None and backend.token_to_id(tok) is None:
+            if tok is not None and tok not in added_contents and tok not in {t.content for _, t in to_add}:
                 backend.add_special_tokens([AddedToken(tok, special=True, normalized=False)])
 
         if backend.post_processor is None and (config.get("add_bos_token") or config.get("add_eos_token")):

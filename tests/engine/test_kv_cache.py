@@ -55,7 +55,7 @@ def test_whole_prompt_cached_still_computes_last_token():
     bm.free(a)
     b = seq_of(list(range(8)))
     bm.match_prefix(b)
-    assert b.num_computed_tokens == 4  # the last block is recomputed so logits exist for the last token
+    assert b.num_computed_tokens == 4  # the last block is recomputed: the prompt's end is a prefill chunk
 
 
 def test_freed_blocks_stay_cached_until_evicted_lru():
@@ -64,7 +64,7 @@ def test_freed_blocks_stay_cached_until_evicted_lru():
     bm.match_prefix(a)
     compute(bm, a, 5)
     bm.free(a)
-    b = seq_of([1, 2, 3, 4, 9])
+    b = seq_of([1, 2, 3, 4, 9, 10])
     bm.match_prefix(b)
     assert b.num_cached_tokens == 4  # revived from the free queue
     assert bm.num_free_blocks == 2

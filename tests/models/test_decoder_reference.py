@@ -85,8 +85,9 @@ def test_bf16_checkpoint_loads_as_fp32(tmp_path) -> None:
     model.to(torch.bfloat16).save_pretrained(tmp_path)
     _, decoder, _ = load_model(str(tmp_path))
     assert all(p.dtype == torch.float32 for p in decoder.parameters())
+    q_rows = model.model.layers[0].self_attn.q_proj.weight.shape[0]
     torch.testing.assert_close(
-        decoder.model.layers[0].self_attn.q_proj.weight, model.model.layers[0].self_attn.q_proj.weight.float()
+        decoder.model.layers[0].self_attn.qkv_proj.weight[:q_rows], model.model.layers[0].self_attn.q_proj.weight.float()
     )
 
 
@@ -137,16 +138,13 @@ def test_load_weights_checks_names_and_shapes() -> None:
         load([*good.items(), ("model.norm.weight", torch.ones(8))])
 
 
-def test_iter_safetensors_splits_phi3(tmp_path) -> None:
+def test_iter_safetensors_keeps_phi3_fused(tmp_path) -> None:
     model = make_phi3()
     model.save_pretrained(tmp_path)
     names = dict(iter_safetensors_weights(tmp_path, read_hf_config(tmp_path)))
-    qkv = model.model.layers[1].self_attn.qkv_proj.weight
-    got = torch.cat([names[f"model.layers.1.self_attn.{n}_proj.weight"] for n in "qkv"])
-    torch.testing.assert_close(got, qkv, rtol=0, atol=0)
-    gate_up = model.model.layers[0].mlp.gate_up_proj.weight
-    torch.testing.assert_close(names["model.layers.0.mlp.gate_proj.weight"], gate_up[:96], rtol=0, atol=0)
-    assert not any("qkv" in n or "gate_up" in n for n in names)
+    torch.testing.assert_close(names["model.layers.1.self_attn.qkv_proj.weight"], model.model.layers[1].self_attn.qkv_proj.weight, rtol=0, atol=0)
+    torch.testing.assert_close(names["model.layers.0.mlp.gate_up_proj.weight"], model.model.layers[0].mlp.gate_up_proj.weight, rtol=0, atol=0)
+    assert not any(n.endswith(("q_proj.weight", "gate_proj.weight")) for n in names)
 
 
 def test_resolve_model_paths(tmp_path) -> None:
