@@ -11,7 +11,7 @@ import torch
 
 from phiserve.engine.scheduler import ScheduledBatch
 from phiserve.engine.sequence import Sequence
-from phiserve.models.attention import AttentionMetadata, PrefillSpan
+from phiserve.models.attention import DECODE_WIDTH_QUANTUM, AttentionMetadata, DecodeGroup, PrefillSpan
 from phiserve.models.decoder import Decoder
 
 
@@ -70,14 +70,7 @@ class ModelRunner:
                 samplers.append(seq)
         meta = AttentionMetadata(slot_mapping=torch.tensor(slots, device=self.device), prefills=tuple(prefills))
         if decode_rows:
-            width = max(len(c) for c in decode_ctx)
-            padded = torch.zeros(len(decode_ctx), width, dtype=torch.long)
-            lengths = torch.tensor([len(c) for c in decode_ctx])
-            for i, c in enumerate(decode_ctx):
-                padded[i, : len(c)] = c
-            meta.decode_rows = torch.tensor(decode_rows, device=self.device)
-            meta.decode_slots = padded.to(self.device)
-            meta.decode_mask = (torch.arange(width)[None, :] < lengths[:, None]).view(len(decode_ctx), 1, 1, width).to(self.device)
+            meta.decodes = self._decode_groups(decode_rows, decode_ctx)
         logits = self.model(
             torch.tensor(input_ids, device=self.device),
             torch.tensor(positions, device=self.device),
@@ -87,6 +80,22 @@ class ModelRunner:
             dense_rows,
         )
         return logits, samplers
+
+    def _decode_groups(self, rows: list[int], contexts: list[torch.Tensor]) -> tuple[DecodeGroup, ...]:
+        """One group per padded width (each row's own length rounded up), see attention.DecodeGroup."""
+        by_width: dict[int, list[int]] = {}
+        for i, ctx in enumerate(contexts):
+            width = -(-len(ctx) // DECODE_WIDTH_QUANTUM) * DECODE_WIDTH_QUANTUM
+            by_width.setdefault(width, []).append(i)
+        groups = []
+        for width, members in by_width.items():
+            slots = torch.zeros(len(members), width, dtype=torch.long)
+            lengths = torch.tensor([len(contexts[i]) for i in members])
+            for j, i in enumerate(members):
+                slots[j, : len(contexts[i])] = contexts[i]
+            mask = (torch.arange(width)[None, :] < lengths[:, None]).view(len(members), 1, 1, width)
+            groups.append(DecodeGroup(torch.tensor([rows[i] for i in members], device=self.device), slots.to(self.device), mask.to(self.device)))
+        return tuple(groups)
 
     def _slots(self, table: list[int], length: int) -> torch.Tensor:
         """Cache slots of the first `length` tokens of a sequence with this block table."""

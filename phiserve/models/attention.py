@@ -24,11 +24,26 @@ class PrefillSpan:
 
 
 @dataclass
+class DecodeGroup:
+    """Single-token decode rows whose contexts are padded to one width.
+
+    The width is the row's own context length rounded up to ``DECODE_WIDTH_QUANTUM``, never the batch's
+    longest: SDPA's result depends on the padded width, and a row's output must not depend on what
+    else is in the batch (seeded and greedy requests give the same tokens alone or batched).
+    """
+
+    rows: torch.Tensor  # [B] rows of the batch
+    slots: torch.Tensor  # [B, width] cache slots of each row's context (padding points at slot 0)
+    mask: torch.Tensor  # [B, 1, 1, width] bool, True = attend
+
+
+DECODE_WIDTH_QUANTUM = 128
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot written by each new token
-    decode_rows: torch.Tensor | None = None  # [B] rows of the batch that are single-token decodes
-    decode_slots: torch.Tensor | None = None  # [B, max_ctx] cache slots of each decode's context (padded)
-    decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_ctx] bool, True = attend
+    decodes: tuple[DecodeGroup, ...] = ()
     prefills: tuple[PrefillSpan, ...] = ()
 
 
@@ -50,12 +65,12 @@ def paged_attention(
     k_cache[meta.slot_mapping] = k
     v_cache[meta.slot_mapping] = v
     out = torch.empty_like(q)
-    if meta.decode_rows is not None:
-        qd = q[meta.decode_rows].unsqueeze(2)  # [B, H, 1, D]
-        kd = k_cache[meta.decode_slots].transpose(1, 2)  # [B, KVH, ctx, D]
-        vd = v_cache[meta.decode_slots].transpose(1, 2)
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True)
-        out[meta.decode_rows] = od.squeeze(2)
+    for group in meta.decodes:
+        qd = q[group.rows].unsqueeze(2)  # [B, H, 1, D]
+        kd = k_cache[group.slots].transpose(1, 2)  # [B, KVH, width, D]
+        vd = v_cache[group.slots].transpose(1, 2)
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=group.mask, scale=scale, enable_gqa=True)
+        out[group.rows] = od.squeeze(2)
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.length)
         if span.context_slots is None:

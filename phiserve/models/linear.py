@@ -16,6 +16,7 @@ from torch import nn
 from phiserve.models import quant
 
 WEIGHT_FORMATS = ("float32", "bfloat16", "float16", "int8", "int4")
+MIN_GEMM_ROWS = 8
 
 
 class Linear(nn.Module):
@@ -42,6 +43,11 @@ class Linear(nn.Module):
         w = self.weight
         if w.dtype != x.dtype:
             return F.linear(x.to(w.dtype), w).to(x.dtype)
+        rows = x.shape[0]
+        if w.dtype == torch.float32 and rows < MIN_GEMM_ROWS and x.device.type == "cpu":
+            # fp32 GEMM takes a GEMV path below 8 rows whose rounding differs: pad so a row's result
+            # never depends on how many rows share the step (batch invariance).
+            return F.linear(F.pad(x, (0, 0, 0, MIN_GEMM_ROWS - rows)), w)[:rows]
         return F.linear(x, w)
 
     def _packed(self, x: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from phiserve.host import pick_precision
-from phiserve.models.attention import AttentionMetadata
+from phiserve.models.attention import AttentionMetadata, DecodeGroup
 from phiserve.models.loader import load_model
 from phiserve.tokenizer.tokenizer import Tokenizer
 
@@ -72,12 +72,8 @@ def test_default_precision_decode_rows(setup):
     rows = []
     with torch.inference_mode():
         for i in range(n):  # one decode row per step, attending over the cache like the server's decodes
-            meta = AttentionMetadata(
-                slot_mapping=torch.tensor([i]),
-                decode_rows=torch.tensor([0]),
-                decode_slots=torch.arange(i + 1)[None, :],
-                decode_mask=torch.ones(1, 1, 1, i + 1, dtype=torch.bool),
-            )
+            group = DecodeGroup(torch.tensor([0]), torch.arange(i + 1)[None, :], torch.ones(1, 1, 1, i + 1, dtype=torch.bool))
+            meta = AttentionMetadata(slot_mapping=torch.tensor([i]), decodes=(group,))
             rows.append(served(ids[i : i + 1], torch.tensor([i]), caches, meta, torch.tensor([0]), dense_rows=0)[0])
     kl, top1 = kl_and_top1(ref_logits, torch.stack(rows))
     print(f"decode rows: KL {kl:.6f} top-1 {top1:.4f} over {n} tokens")
