@@ -36,8 +36,16 @@ def serve(
     import uvicorn
 
     from phiserve.api.app import create_app
+    from phiserve.models.loader import ModelNotFoundError, resolve_model
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:  # find (and download, with a progress bar) before listening, so a bad --model is one line
+        if model is not None:
+            resolved = resolve_model(model)
+            model, served_model_name = str(resolved.path), served_model_name or resolved.served_name
+    except ModelNotFoundError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from None
     options = ServeOptions(
         model=model,
         served_model_name=served_model_name,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from dataclasses import dataclass, field
 
@@ -65,6 +66,14 @@ def pick_precision(name: str, device: torch.device, is_gguf: bool) -> Precision:
     raise ValueError(f"unknown --dtype {name!r}: choose auto, float32, bfloat16, float16, int8 or int4")
 
 
+def release_freed_memory() -> None:
+    """Hand the heap freed by dequantization back to the OS (glibc keeps it otherwise: ~0.5 GB RSS)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 class ModelHost:
     def __init__(self, options: ServeOptions, registry: CollectorRegistry) -> None:
         if options.threads:
@@ -77,6 +86,7 @@ class ModelHost:
             str(source.path), dtype=dtype, device=device, weight_format=precision.weight_format,
             lm_head_format=precision.lm_head_format, keep_dense=precision.keep_dense,
         )
+        release_freed_memory()
         self.name = options.served_model_name or source.served_name
         self.tokenizer = Tokenizer.from_gguf(resolved.path) if resolved.kind == "gguf" else Tokenizer.from_hf_folder(resolved.path)
         template_source = self.tokenizer.chat_template or fallback_chat_template(self.tokenizer)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
+import signal
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
@@ -37,8 +39,11 @@ def create_app(options: ServeOptions, host: ModelHost | None = None) -> FastAPI:
         try:
             state.host = await asyncio.to_thread(ModelHost, options, state.registry)
         except Exception as exc:  # reported by /health; the process keeps answering
-            log.exception("model failed to load")
+            # A server that cannot serve its one model should not linger: say why in one line and exit.
             state.load_error = str(exc)
+            log.error("model failed to load: %s", exc)
+            log.debug("load failure", exc_info=True)
+            os.kill(os.getpid(), signal.SIGTERM)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):  # noqa: ANN202
