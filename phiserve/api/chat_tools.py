@@ -45,7 +45,7 @@ class ChatPlan:
         if self.forced:
             stream = ForcedCallStream(self.call_format)
         elif self.parse_calls and self.setup is not None:
-            stream = AutoCallStream([t.name for t in self.setup.tools])
+            stream = AutoCallStream([t.name for t in self.setup.tools], None if self.setup.parallel else 1)
         return ChoiceShaper(stream)
 
 

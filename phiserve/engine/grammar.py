@@ -18,13 +18,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import llguidance
+import numpy as np
 import torch
 
 from phiserve.tokenizer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-_BITS = torch.arange(32, dtype=torch.int32)
 
 
 class _TokenizerView:
@@ -133,22 +133,24 @@ class GrammarBackend:
             self._executor = llguidance.LLExecutor(num_threads=max(1, min(4, (os.cpu_count() or 2) // 2)))
         pairs: list[tuple[Any, int]] = [(m.raw, k) for k, (m, _) in enumerate(rows)]
         self._executor.unsafe_compute_mask_ptr(pairs, bitmask.data_ptr(), words * 4, len(rows))
-        allowed = ((bitmask.unsqueeze(-1) >> _BITS) & 1).view(len(rows), words * 32)[:, :v].bool()
+        # Bit i of 32-bit word w is token 32*w + i; little-endian bytes keep that order. The row fixes
+        # run in numpy: on a busy CPU a torch reduction over one vocab row can cost milliseconds.
+        allowed = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, count=v, bitorder="little").view(np.bool_)
         for mask, (matcher, stop_ids) in zip(allowed, rows, strict=True):
             # The model's end-of-turn tokens may differ from the tokenizer's EOS that llguidance knows.
-            if stop_ids and (matcher.is_accepting or not bool(mask.any())):
+            if stop_ids and (matcher.is_accepting or not mask.any()):
                 mask[list(stop_ids)] = True
-            if not bool(mask.any()):  # error state and no stop token: let the row finish somehow
-                mask.fill_(True)
-        return allowed
+            if not mask.any():  # error state and no stop token: let the row finish somehow
+                mask[:] = True
+        return torch.from_numpy(allowed)
 
 
 def batch_mask(num_rows: int, masks: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
-    """The sampler's [num_rows, vocab] mask: `masks[k]` at row `rows[k]`, everything allowed elsewhere."""
-    allowed = torch.ones(num_rows, masks.shape[1], dtype=torch.bool)
-    allowed[list(rows)] = masks
-    return allowed
+    """The sampler's [num_rows, vocab] mask: `masks[k]` at row `rows[k]`, everything allowed elsewhere.
 
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
+    Built in numpy: small torch fills wake the intra-op thread pool, which on a busy CPU costs more
+    than the work itself.
+    """
+    allowed = np.ones((num_rows, masks.shape[1]), dtype=np.bool_)
+    allowed[list(rows)] = masks.numpy()
+    return torch.from_numpy(allowed)

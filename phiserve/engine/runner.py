@@ -27,10 +27,14 @@ class ModelRunner:
         self.device = device
         cfg = model.config
         shape = (num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.kv_caches = [
-            (torch.zeros(shape, dtype=kv_dtype, device=device), torch.zeros(shape, dtype=kv_dtype, device=device))
-            for _ in range(cfg.num_layers)
-        ]
+        # torch.empty: the pool's pages become resident only as blocks are first used. Only slot 0 must
+        # hold finite values: padded decode columns point at it (masked, but 0 * NaN would be NaN).
+        self.kv_caches = []
+        for _ in range(cfg.num_layers):
+            k, v = torch.empty(shape, dtype=kv_dtype, device=device), torch.empty(shape, dtype=kv_dtype, device=device)
+            k[0].zero_()
+            v[0].zero_()
+            self.kv_caches.append((k, v))
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:

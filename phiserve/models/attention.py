@@ -66,11 +66,11 @@ def paged_attention(
     v_cache[meta.slot_mapping] = v
     out = torch.empty_like(q)
     for group in meta.decodes:
-        qd = q[group.rows].unsqueeze(2)  # [B, H, 1, D]
-        kd = k_cache[group.slots].transpose(1, 2)  # [B, KVH, width, D]
-        vd = v_cache[group.slots].transpose(1, 2)
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=group.mask, scale=scale, enable_gqa=True)
-        out[group.rows] = od.squeeze(2)
+        # Contiguous operands: on strided ones matmul picks batch-size-dependent kernels.
+        qd = q[group.rows].unsqueeze(2).contiguous()  # [B, H, 1, D]
+        kd = k_cache[group.slots].transpose(1, 2).contiguous()  # [B, KVH, width, D]
+        vd = v_cache[group.slots].transpose(1, 2).contiguous()
+        out[group.rows] = _decode_attention(qd, kd, vd, group.mask, scale).squeeze(2)
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.length)
         if span.context_slots is None:
@@ -82,6 +82,17 @@ def paged_attention(
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=span.mask, scale=scale, enable_gqa=True)
             out[rows] = o.squeeze(0).transpose(0, 1)
     return out
+
+
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Plain matmul-softmax-matmul for single-token rows. SDPA's CPU kernel splits small batches
+    across threads along the context, so a row's result would depend on how many rows share the
+    call; these batched matmuls compute every row the same way whatever the batch size."""
+    b, h, _, d = q.shape
+    kvh = k.shape[1]
+    scores = torch.matmul(q.view(b, kvh, h // kvh, d), k.transpose(-1, -2)) * scale  # [B, KVH, G, W]
+    probs = torch.softmax(scores.masked_fill(~mask.view(b, 1, 1, -1), float("-inf")), dim=-1)
+    return torch.matmul(probs, v).view(b, h, 1, d)
 
 
 def _causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

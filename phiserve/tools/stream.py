@@ -59,8 +59,11 @@ class CallStream:
 
 
 class AutoCallStream(CallStream):
-    def __init__(self, names: Collection[str]) -> None:
+    """`max_calls` (1 when parallel_tool_calls is false): calls beyond it are dropped, not reported."""
+
+    def __init__(self, names: Collection[str], max_calls: int | None = None) -> None:
         self.names = frozenset(names)
+        self.max_calls = max_calls
         self.text = ""
         self._pos = 0  # text before this is decided
         self._pending_ws = ""  # trailing whitespace of the content so far: dropped if a call follows
@@ -87,6 +90,8 @@ class AutoCallStream(CallStream):
                 self._pending_ws = ""
                 self._after_call = True
                 for call in seg.calls:
+                    if self.max_calls is not None and self.num_calls >= self.max_calls:
+                        break
                     index = self.num_calls
                     self.num_calls += 1
                     out.append(MessageDelta(call=CallDelta(index, "", new_call_id(), call.name)))

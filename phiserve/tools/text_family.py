@@ -25,7 +25,7 @@ def tool_section(setup: ToolSetup) -> str:
         "",
         "You can call functions to help with the user's request. The functions are listed below, one JSON object per line:",
         "<tools>",
-        *(json.dumps({k: v for k, v in spec.as_openai()["function"].items()}, ensure_ascii=False) for spec in setup.tools),
+        *(json.dumps(spec.as_openai()["function"], ensure_ascii=False) for spec in setup.tools),
         "</tools>",
         "",
         "To call a function, write a JSON object with its name and arguments inside <tool_call></tool_call> tags:",
@@ -64,7 +64,7 @@ class TextToolFamily:
                 blocks = self.call_format.sep.join(calls)
                 out.append({"role": "assistant", "content": f"{text}\n{blocks}" if text else blocks})
             elif role == "tool":
-                name = names.get(m.get("tool_call_id") or "")
+                name = names.get(m.get("tool_call_id") or "") or m.get("name")
                 opening = f'<tool_response name="{name}">' if name else "<tool_response>"
                 block = f"{opening}\n{text}\n</tool_response>"
                 if merge_next_user:

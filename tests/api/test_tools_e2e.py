@@ -251,6 +251,9 @@ def test_stream_helper_accumulates_the_non_streamed_calls(server, tool_choice, q
         "seed": 11,
         "max_tokens": 60,
     }
+    # Warm the prefix cache first so both requests compute the prompt the same way (a cached and an
+    # uncached prompt differ in the last float bits of the logits, enough to flip a sampled token).
+    client.chat.completions.create(**{**kwargs, "max_tokens": 1})
     full = client.chat.completions.create(**kwargs)
     with client.chat.completions.stream(**kwargs) as stream:
         streamed = stream.get_final_completion()

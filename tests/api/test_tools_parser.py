@@ -96,6 +96,13 @@ def test_unknown_names_are_not_calls_but_known_ones_are():
     assert msg.content == '{"name": "nope", "arguments": {}}'
 
 
+def test_single_call_when_parallel_calls_are_off():
+    s = AutoCallStream(NAMES, max_calls=1)
+    text = '<tool_call>{"name": "noop", "arguments": {}}</tool_call><tool_call>{"name": "get_time", "arguments": {}}</tool_call>'
+    msg = collect(s.feed(text) + s.finish())
+    assert calls(msg) == [("noop", {})] and msg.content is None
+
+
 def test_text_around_calls_is_joined():
     text = 'First. <tool_call>{"name": "noop", "arguments": {}}</tool_call>  Then.  '
     msg = parse(text)
