@@ -56,9 +56,10 @@ def pick_precision(name: str, device: torch.device, is_gguf: bool) -> Precision:
         act = torch.float16 if name == "float16" else torch.float32 if name == "float32" else torch.bfloat16
         return Precision(act, None)
     if name == "auto":
-        # GGUF Q4_1 layers map exactly onto torch's int4 kernel: int4 for decodes, the dense fp32
-        # copy for prefill GEMMs, and a bf16 output head (the int4 re-quantized Q8_0 head costs ~50x KL).
-        return Precision(torch.float32, "int4", "bfloat16", keep_dense=True) if is_gguf else Precision(torch.float32, None)
+        # GGUF Q4_1 layers map exactly onto torch's int4 kernel: int4 for decodes, the dense fp32 copy
+        # for prefill GEMMs, and an fp32 output head: a bf16 head rounds logits to ~3 digits, which
+        # ties and flips greedy tokens (measured in docs/performance.md); tied, it shares the embedding.
+        return Precision(torch.float32, "int4", "float32", keep_dense=True) if is_gguf else Precision(torch.float32, None)
     if name in ("int8", "int4"):
         return Precision(torch.float32, name, "bfloat16")
     if name in ("float32", "bfloat16", "float16"):

@@ -10,7 +10,6 @@ row of a step is constrained no mask is built at all.
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 from collections.abc import Collection, Sequence
@@ -22,9 +21,6 @@ import numpy as np
 import torch
 
 from phiserve.tokenizer.tokenizer import Tokenizer
-
-log = logging.getLogger(__name__)
-
 
 
 class _TokenizerView:
