@@ -207,8 +207,8 @@ def test_json_schema_responses_validate_for_ten_schemas(server):
 
 def test_json_object_always_parses(server):
     # A free-form object can ramble past max_tokens ("length": truncated, as with any provider); these finish.
-    prompts = ["What is 2+2? Answer in JSON.", "Give me a JSON object with your name.", "Hello!"]
-    requests = [{"messages": [{"role": "user", "content": p}], "response_format": {"type": "json_object"}, "max_tokens": 60} for p in prompts]
+    prompts = ["What is 2+2? Answer in JSON.", "Return a JSON object with a greeting.", "List two fruits as JSON.", "Hello!"]
+    requests = [{"messages": [{"role": "user", "content": p}], "response_format": {"type": "json_object"}, "max_tokens": 60, "temperature": 0} for p in prompts]
     requests.append({**requests[0], "temperature": 0.8, "seed": 3})
     for reply in run_all(server, requests):
         choice = reply.choices[0]
