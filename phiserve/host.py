@@ -57,9 +57,10 @@ def pick_precision(name: str, device: torch.device, is_gguf: bool) -> Precision:
         return Precision(act, None)
     if name == "auto":
         # GGUF Q4_1 layers map exactly onto torch's int4 kernel: int4 for decodes, the dense fp32 copy
-        # for prefill GEMMs, and an fp32 output head: a bf16 head rounds logits to ~3 digits, which
-        # ties and flips greedy tokens (measured in docs/performance.md); tied, it shares the embedding.
-        return Precision(torch.float32, "int4", "float32", keep_dense=True) if is_gguf else Precision(torch.float32, None)
+        # for prefill GEMMs. Output head "rescored": bf16 GEMM ranks the vocabulary, the top 64 logits
+        # are recomputed in fp32. A plain bf16 head rounds logits to ~3 digits, which ties and flips
+        # greedy tokens; a plain fp32 one costs ~40 ms a step here (docs/performance.md).
+        return Precision(torch.float32, "int4", "rescored", keep_dense=True) if is_gguf else Precision(torch.float32, None)
     if name in ("int8", "int4"):
         return Precision(torch.float32, name, "bfloat16")
     if name in ("float32", "bfloat16", "float16"):

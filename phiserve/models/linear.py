@@ -28,9 +28,13 @@ class Linear(nn.Module):
         self.packed: torch.Tensor | None = None
         self.scales: torch.Tensor | None = None
         self.has_dense = True
+        self.approx: torch.Tensor | None = None  # bf16 copy for the "rescored" output head
+        self.rescore_top = 0
 
     def forward(self, x: torch.Tensor, dense_rows: int | None = None) -> torch.Tensor:
         """``dense_rows``: leading rows that take the dense weight when the layer also holds a packed one."""
+        if self.approx is not None:
+            return self._rescored(x)
         if self.packed_format is None:
             return self._dense(x)
         if not self.has_dense or dense_rows is None or dense_rows == 0:
@@ -56,6 +60,21 @@ class Linear(nn.Module):
         else:
             y = torch.ops.aten._weight_int8pack_mm(x.to(self.scales.dtype), self.packed, self.scales)
         return y.to(x.dtype)
+
+    def _rescored(self, x: torch.Tensor) -> torch.Tensor:
+        # Rank the whole vocabulary with the fast bf16 GEMM, then recompute the top candidates exactly
+        # in fp32 (elementwise, so a row's values never depend on the batch): greedy choices and the
+        # probability mass that sampling sees are fp32-exact; only the far tail keeps bf16 rounding.
+        logits = F.linear(x.to(torch.bfloat16), self.approx).float()
+        top = logits.topk(self.rescore_top, dim=-1).indices  # [M, k]
+        exact = (x.float()[:, None, :] * self.weight[top].float()).sum(-1)
+        return logits.scatter_(1, top, exact).to(x.dtype)
+
+    def set_rescored(self, top: int = 64) -> None:
+        """Output head: fp32 weight kept (tied models share it with the embedding) plus a bf16 copy."""
+        self.set_dense(torch.float32)
+        self.approx = self.weight.detach().to(torch.bfloat16)
+        self.rescore_top = min(top, self.out_features)
 
     def set_dense(self, dtype: torch.dtype) -> None:
         self.weight = nn.Parameter(self.weight.detach().to(dtype), requires_grad=False)
@@ -97,7 +116,9 @@ def convert_linears(
         if not isinstance(module, Linear):
             continue
         target = lm_head_format if (name == "lm_head" and lm_head_format) else fmt
-        if target in ("float32", "bfloat16", "float16"):
+        if target == "rescored":
+            module.set_rescored()
+        elif target in ("float32", "bfloat16", "float16"):
             module.set_dense(getattr(torch, target))
         elif target == "int8":
             module.set_int8(keep_dense)
