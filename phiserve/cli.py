@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import logging
+import signal
+import threading
+import time
 
 import typer
+import uvicorn
 
+from phiserve.api.app import AppState
 from phiserve.engine.llm_engine import EngineConfig
 from phiserve.host import ServeOptions
 
@@ -33,8 +38,6 @@ def serve(
     log_level: str = typer.Option("info"),
 ) -> None:
     """Serve one model over the OpenAI Chat Completions API."""
-    import uvicorn
-
     from phiserve.api.app import create_app
     from phiserve.models.loader import ModelNotFoundError, resolve_model
 
@@ -63,8 +66,33 @@ def serve(
         input_price=input_price,
         output_price=output_price,
         api_key=api_key,
+        engine_on_caller_thread=True,
     )
-    uvicorn.run(create_app(options), host=host, port=port, log_level=log_level)
+    app = create_app(options)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+    serve_http(server, app.state.phiserve)
+
+
+def serve_http(server: uvicorn.Server, state: AppState) -> None:
+    """HTTP in a background thread, the engine loop on this (main) thread; SIGINT/SIGTERM stop both."""
+
+    def shutdown(*_: object) -> None:
+        server.should_exit = True
+        if state.host is not None:
+            state.host.engine.stop()
+
+    signal.signal(signal.SIGINT, shutdown)
+    signal.signal(signal.SIGTERM, shutdown)
+    http = threading.Thread(target=server.run, name="phiserve-http")
+    http.start()
+    while state.host is None and state.load_error is None and http.is_alive() and not server.should_exit:
+        time.sleep(0.05)
+    if state.host is not None and not server.should_exit:
+        state.host.engine.run_forever()
+    server.should_exit = True
+    http.join()
+    if state.load_error is not None:
+        raise typer.Exit(code=1)
 
 
 @app.callback()

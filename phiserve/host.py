@@ -31,6 +31,7 @@ class ServeOptions:
     input_price: float | None = None  # USD per million tokens
     output_price: float | None = None
     api_key: str | None = None
+    engine_on_caller_thread: bool = False  # the CLI drives the engine loop from the main thread itself
 
 
 def pick_device(name: str) -> torch.device:
@@ -104,7 +105,8 @@ class ModelHost:
         self.max_model_len = llm.max_model_len
         self.grammars = llm.grammars  # the API validates grammars against the engine's tokenizer up front
         self.engine = AsyncEngine(llm, options.threads, on_finish=self.ledger.record)
-        self.engine.start()
+        if not options.engine_on_caller_thread:
+            self.engine.start()
         log.info("serving %s from %s on %s (%s), context %d", self.name, resolved.path, device, precision, self.max_model_len)
 
     def shutdown(self) -> None:

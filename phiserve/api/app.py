@@ -59,6 +59,7 @@ def create_app(options: ServeOptions, host: ModelHost | None = None) -> FastAPI:
             state.host.shutdown()
 
     app = FastAPI(title="phiserve", lifespan=lifespan)
+    app.state.phiserve = state  # the CLI waits on it to drive the engine from the main thread
     install_error_handlers(app)
     engine_gauges = Gauge("phiserve_engine", "Engine state", ["stat"], registry=state.registry)
 
