@@ -14,6 +14,7 @@ from phiserve.api.generation import (
     check_model,
     new_id,
     now,
+    request_usage,
     run_until_disconnect,
     sampling_params,
     token_logprob_entry,
@@ -79,15 +80,13 @@ def _response(req: ChatCompletionRequest, host: ModelHost, request_id: str, resu
                 "finish_reason": shapers[i].finish_reason(finals[i].finish_reason),
             }
         )
-    prompt_tokens = finals[0].num_prompt_tokens
-    completion_tokens = sum(f.num_output_tokens for f in finals.values())
     return {
         "id": request_id,
         "object": "chat.completion",
         "created": now(),
         "model": host.name,
         "choices": choices,
-        "usage": usage_dict(prompt_tokens, completion_tokens, host.prices, finals[0].num_cached_tokens),
+        "usage": request_usage(finals, host),
         "system_fingerprint": None,
     }
 

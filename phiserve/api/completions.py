@@ -9,7 +9,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from phiserve.api.chat import sse
 from phiserve.api.errors import OpenAIError
-from phiserve.api.generation import check_model, new_id, now, run_until_disconnect, sampling_params
+from phiserve.api.generation import (
+    check_model,
+    new_id,
+    now,
+    request_usage,
+    run_until_disconnect,
+    sampling_params,
+)
 from phiserve.api.protocol import CompletionRequest
 from phiserve.api.usage import usage_dict
 from phiserve.engine.llm_engine import ChoiceOutput
@@ -43,7 +50,7 @@ async def create_completion(req: CompletionRequest, request: Request, host: Mode
             "created": now(),
             "model": host.name,
             "choices": [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": finals[i].finish_reason} for i in range(req.n)],
-            "usage": usage_dict(finals[0].num_prompt_tokens, sum(f.num_output_tokens for f in finals.values()), host.prices, finals[0].num_cached_tokens),
+            "usage": request_usage(finals, host),
         }
     )
 

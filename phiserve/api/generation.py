@@ -12,6 +12,7 @@ from fastapi import Request
 
 from phiserve.api.errors import OpenAIError
 from phiserve.api.protocol import SamplingFields
+from phiserve.api.usage import usage_dict
 from phiserve.engine.llm_engine import ChoiceOutput
 from phiserve.engine.sampler import TokenLogprob
 from phiserve.engine.sampling_params import SamplingParams
@@ -107,3 +108,9 @@ def token_logprob_entry(host: ModelHost, lp: TokenLogprob) -> dict:
         return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
 
     return {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top_logprobs]}
+
+
+def request_usage(finals: dict[int, ChoiceOutput], host: ModelHost) -> dict:
+    """`usage` of a finished request: the prompt counted once, the completion tokens of every choice."""
+    first = finals[0]
+    return usage_dict(first.num_prompt_tokens, sum(f.num_output_tokens for f in finals.values()), host.prices, first.num_cached_tokens)
