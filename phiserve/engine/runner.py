@@ -11,7 +11,7 @@ import torch
 
 from phiserve.engine.scheduler import ScheduledBatch
 from phiserve.engine.sequence import Sequence
-from phiserve.models.attention import DECODE_WIDTH_QUANTUM, AttentionMetadata, DecodeGroup, PrefillSpan
+from phiserve.models.attention import AttentionMetadata, DecodeRows, PrefillSpan
 from phiserve.models.decoder import Decoder
 
 
@@ -42,8 +42,8 @@ class ModelRunner:
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        decode_rows: list[int] = []
-        decode_ctx: list[torch.Tensor] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
         prefills: list[PrefillSpan] = []
         logits_rows: list[int] = []
         samplers: list[Sequence] = []
@@ -60,8 +60,8 @@ class ModelRunner:
             positions.extend(range(start, end))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             if n == 1:
-                decode_rows.append(row)
-                decode_ctx.append(self._slots(table, end))
+                decode_tables.append(table[: -(-end // bs)])
+                decode_lens.append(end)
             elif start == 0:
                 prefills.append(PrefillSpan(row, n, None, None))
             else:
@@ -73,8 +73,8 @@ class ModelRunner:
                 logits_rows.append(row + n - 1)
                 samplers.append(seq)
         meta = AttentionMetadata(slot_mapping=torch.tensor(slots, device=self.device), prefills=tuple(prefills))
-        if decode_rows:
-            meta.decodes = self._decode_groups(decode_rows, decode_ctx)
+        if decode_lens:
+            meta.decodes = self._decode_rows(dense_rows, decode_tables, decode_lens)
         logits = self.model(
             torch.tensor(input_ids, device=self.device),
             torch.tensor(positions, device=self.device),
@@ -85,21 +85,10 @@ class ModelRunner:
         )
         return logits, samplers
 
-    def _decode_groups(self, rows: list[int], contexts: list[torch.Tensor]) -> tuple[DecodeGroup, ...]:
-        """One group per padded width (each row's own length rounded up), see attention.DecodeGroup."""
-        by_width: dict[int, list[int]] = {}
-        for i, ctx in enumerate(contexts):
-            width = -(-len(ctx) // DECODE_WIDTH_QUANTUM) * DECODE_WIDTH_QUANTUM
-            by_width.setdefault(width, []).append(i)
-        groups = []
-        for width, members in by_width.items():
-            slots = torch.zeros(len(members), width, dtype=torch.long)
-            lengths = torch.tensor([len(contexts[i]) for i in members])
-            for j, i in enumerate(members):
-                slots[j, : len(contexts[i])] = contexts[i]
-            mask = (torch.arange(width)[None, :] < lengths[:, None]).view(len(members), 1, 1, width)
-            groups.append(DecodeGroup(torch.tensor([rows[i] for i in members], device=self.device), slots.to(self.device), mask.to(self.device)))
-        return tuple(groups)
+    def _decode_rows(self, start: int, tables: list[list[int]], lengths: list[int]) -> DecodeRows:
+        width = max(len(t) for t in tables)
+        padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        return DecodeRows(start, padded.to(self.device), torch.tensor(lengths, dtype=torch.int32, device=self.device), self.block_size)
 
     def _slots(self, table: list[int], length: int) -> torch.Tensor:
         """Cache slots of the first `length` tokens of a sequence with this block table."""

@@ -2,15 +2,19 @@
 
 The cache of one layer is a flat tensor of slots ``[num_blocks * block_size, num_kv_heads, head_dim]``;
 a slot index is ``block_id * block_size + offset``. The runner builds one ``AttentionMetadata`` per
-step, shared by every layer, so per-layer work is only the cache write, one gather and SDPA calls.
+step, shared by every layer. Decode rows go through our CPU kernel, which reads the paged cache in
+place (``cpu_kernels.py``), or through torch's matmuls over gathered slots; prefill chunks through SDPA.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
+
+from phiserve.models import cpu_kernels
 
 
 @dataclass
@@ -24,17 +28,35 @@ class PrefillSpan:
 
 
 @dataclass
-class DecodeGroup:
-    """Single-token decode rows whose contexts are padded to one width.
+class DecodeRows:
+    """The batch's single-token decode rows: its last ``len(context_lens)`` rows."""
 
-    The width is the row's own context length rounded up to ``DECODE_WIDTH_QUANTUM``, never the batch's
-    longest: SDPA's result depends on the padded width, and a row's output must not depend on what
-    else is in the batch (seeded and greedy requests give the same tokens alone or batched).
-    """
+    start: int  # first decode row
+    block_tables: torch.Tensor  # [B, max_blocks] int32, padded with block 0
+    context_lens: torch.Tensor  # [B] int32, context length including the new token
+    block_size: int
 
-    rows: torch.Tensor  # [B] rows of the batch
-    slots: torch.Tensor  # [B, width] cache slots of each row's context (padding points at slot 0)
-    mask: torch.Tensor  # [B, 1, 1, width] bool, True = attend
+    @cached_property
+    def width_groups(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """For torch's kernels: (rows, slots [b, width], mask [b, 1, 1, width]) per padded width.
+
+        The width is a row's own context length rounded up to ``DECODE_WIDTH_QUANTUM``, never the
+        batch's longest: the result depends on the padded width, and a row's output must not depend
+        on what else is in the batch (seeded requests give the same tokens alone or batched).
+        Built once per step; every layer shares it.
+        """
+        lens = self.context_lens.long()
+        widths = (lens + DECODE_WIDTH_QUANTUM - 1) // DECODE_WIDTH_QUANTUM * DECODE_WIDTH_QUANTUM
+        bs = self.block_size
+        all_slots = (self.block_tables.long()[:, :, None] * bs + torch.arange(bs, device=lens.device)).flatten(1)
+        all_slots = F.pad(all_slots, (0, max(0, int(widths.max()) - all_slots.shape[1])))
+        groups = []
+        for width in widths.unique().tolist():
+            members = (widths == width).nonzero().flatten()
+            mask = torch.arange(width, device=lens.device)[None, :] < lens[members, None]
+            slots = torch.where(mask, all_slots[members, :width], 0)  # padding reads slot 0 (finite, masked)
+            groups.append((members + self.start, slots, mask.view(len(members), 1, 1, width)))
+        return groups
 
 
 DECODE_WIDTH_QUANTUM = 128
@@ -43,8 +65,18 @@ DECODE_WIDTH_QUANTUM = 128
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot written by each new token
-    decodes: tuple[DecodeGroup, ...] = ()
+    decodes: DecodeRows | None = None
     prefills: tuple[PrefillSpan, ...] = ()
+
+    @classmethod
+    def single_decode(cls, position: int) -> AttentionMetadata:
+        """One sequence decoding its token at ``position``, its cache held in slots 0..position."""
+        table = torch.arange(position + 1, dtype=torch.int32)[None, :]  # block size 1: block i = slot i
+        return cls(torch.tensor([position]), DecodeRows(0, table, torch.tensor([position + 1], dtype=torch.int32), 1))
+
+
+def _use_cpu_kernel(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    return q.device.type == "cpu" and q.dtype == k_cache.dtype == torch.float32 and cpu_kernels.available()
 
 
 def paged_attention(
@@ -65,12 +97,18 @@ def paged_attention(
     k_cache[meta.slot_mapping] = k
     v_cache[meta.slot_mapping] = v
     out = torch.empty_like(q)
-    for group in meta.decodes:
-        # Contiguous operands: on strided ones matmul picks batch-size-dependent kernels.
-        qd = q[group.rows].unsqueeze(2).contiguous()  # [B, H, 1, D]
-        kd = k_cache[group.slots].transpose(1, 2).contiguous()  # [B, KVH, width, D]
-        vd = v_cache[group.slots].transpose(1, 2).contiguous()
-        out[group.rows] = _decode_attention(qd, kd, vd, group.mask, scale).squeeze(2)
+    dec = meta.decodes
+    if dec is not None and _use_cpu_kernel(q, k_cache):
+        out[dec.start :] = torch.ops.phiserve.paged_decode_attention(
+            q[dec.start :].contiguous(), k_cache, v_cache, dec.block_tables, dec.context_lens, dec.block_size, scale
+        )
+    elif dec is not None:
+        for rows, slots, mask in dec.width_groups:
+            # Contiguous operands: on strided ones matmul picks batch-size-dependent kernels.
+            qd = q[rows].unsqueeze(2).contiguous()  # [B, H, 1, D]
+            kd = k_cache[slots].transpose(1, 2).contiguous()  # [B, KVH, width, D]
+            vd = v_cache[slots].transpose(1, 2).contiguous()
+            out[rows] = _decode_attention(qd, kd, vd, mask, scale).squeeze(2)
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.length)
         if span.context_slots is None:

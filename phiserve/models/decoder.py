@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from phiserve.models import cpu_kernels
 from phiserve.models.attention import AttentionMetadata, paged_attention
 from phiserve.models.config import ModelConfig
 from phiserve.models.linear import Linear
@@ -24,7 +25,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """norm(x); with ``residual``, first ``x += residual`` in place (the residual add fused in)."""
+        if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and cpu_kernels.available():
+            if residual is None:
+                return torch.ops.phiserve.rms_norm(x, self.weight, self.eps)
+            return torch.ops.phiserve.add_rms_norm_(x, residual.contiguous(), self.weight, self.eps)
+        if residual is not None:
+            x.add_(residual)
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
@@ -118,9 +126,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, kv_cache, meta, dense_rows):  # noqa: ANN001, ANN201 - hot path, types as in Decoder
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta, dense_rows)
-        return x + self.mlp(self.post_attention_layernorm(x), dense_rows)
+    def forward(self, x, delta, cos, sin, kv_cache, meta, dense_rows):  # noqa: ANN001, ANN201 - hot path, types as in Decoder
+        """x: the residual stream, updated in place; delta: the previous layer's output, not yet added
+        (None for the first layer). Returns this layer's output, which the next norm adds."""
+        h = self.input_layernorm(x, delta)
+        h = self.post_attention_layernorm(x, self.self_attn(h, cos, sin, kv_cache, meta, dense_rows))
+        return self.mlp(h, dense_rows)
 
 
 class DecoderBody(nn.Module):
@@ -155,13 +166,14 @@ class Decoder(nn.Module):
         """
         if dense_rows is None:
             dense_rows = input_ids.shape[0]
-        x = self.model.embed_tokens(input_ids)
+        x = self.model.embed_tokens(input_ids)  # a fresh tensor: layers add to it in place
         freqs = positions.to(self.inv_freq.dtype)[:, None] * self.inv_freq[None, :]
         cos = freqs.cos().to(x.dtype).unsqueeze(1)
         sin = freqs.sin().to(x.dtype).unsqueeze(1)
+        delta = None
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, kv_caches[i] if kv_caches is not None else None, meta, dense_rows)
+            delta = layer(x, delta, cos, sin, kv_caches[i] if kv_caches is not None else None, meta, dense_rows)
         if logits_rows is not None:
             dense_rows = int((logits_rows < dense_rows).sum())
-            x = x[logits_rows]
-        return self.lm_head(self.model.norm(x), dense_rows).float()
+            x, delta = x[logits_rows], delta[logits_rows] if delta is not None else None
+        return self.lm_head(self.model.norm(x, delta), dense_rows).float()

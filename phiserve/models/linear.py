@@ -1,7 +1,8 @@
 """Linear layer whose weight is held in the formats that are fastest for each batch shape.
 
 Formats: dense ``float32`` / ``bfloat16`` (GEMM; activations cast at the boundary), and weight-only
-``int8`` (per channel) or ``int4`` (group-32, torch's packed CPU layout). A layer may hold a dense
+``int8`` (per channel, torch's kernel) or ``int4`` (group-32: our kernel ``torch.ops.phiserve.int4_linear``
+when it builds on this machine, see ``cpu_kernels.py``; torch's packed CPU kernel otherwise). A layer may hold a dense
 weight *and* a packed one ("hybrid"): rows of prefill chunks (many rows, compute-bound) take the
 dense GEMM, single-token decode rows (memory-bound) take the packed kernel. Which rows are which is
 decided by the runner per sequence, so a row's numerics never depend on what else is in the batch.
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from phiserve.models import quant
+from phiserve.models import cpu_kernels, quant
 
 WEIGHT_FORMATS = ("float32", "bfloat16", "float16", "int8", "int4")
 MIN_GEMM_ROWS = 8
@@ -27,8 +28,9 @@ class Linear(nn.Module):
         self.packed_format: str | None = None  # "int4" | "int8" when a packed copy exists
         self.packed: torch.Tensor | None = None
         self.scales: torch.Tensor | None = None
+        self.mins: torch.Tensor | None = None  # set when the int4 copy is in our kernel's layout
         self.has_dense = True
-        self.approx: torch.Tensor | None = None  # bf16 copy for the "rescored" output head
+        self.approx: Linear | None = None  # fast copy that ranks the vocabulary for the "rescored" head
         self.rescore_top = 0
 
     def forward(self, x: torch.Tensor, dense_rows: int | None = None) -> torch.Tensor:
@@ -55,6 +57,10 @@ class Linear(nn.Module):
         return F.linear(x, w)
 
     def _packed(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mins is not None:
+            return torch.ops.phiserve.int4_linear(x.float().contiguous(), self.packed, self.scales, self.mins).to(x.dtype)
+        if self.packed_format == "q8":
+            return torch.ops.phiserve.int8_linear(x.float().contiguous(), self.packed, self.scales).to(x.dtype)
         if self.packed_format == "int4":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(self.scales.dtype), self.packed, quant.INT4_GROUP, self.scales)
         else:
@@ -62,26 +68,38 @@ class Linear(nn.Module):
         return y.to(x.dtype)
 
     def _rescored(self, x: torch.Tensor) -> torch.Tensor:
-        # Rank the whole vocabulary with the fast bf16 GEMM, then recompute the top candidates exactly
-        # in fp32 (elementwise, so a row's values never depend on the batch): greedy choices and the
-        # probability mass that sampling sees are fp32-exact; only the far tail keeps bf16 rounding.
-        logits = F.linear(x.to(torch.bfloat16), self.approx).float()
+        # Rank the whole vocabulary with a fast copy: group-32 int8 through our kernel (exact for a
+        # GGUF Q8_0 embedding; an int4 copy measured KL 0.01, its tail too coarse), else bf16. Then
+        # recompute the top candidates exactly in fp32 (elementwise, so a row's values never depend
+        # on the batch): greedy choices and the probability mass that sampling sees are fp32-exact;
+        # only the far tail keeps the copy's rounding.
+        logits = self.approx(x).float()
         top = logits.topk(self.rescore_top, dim=-1).indices  # [M, k]
         exact = (x.float()[:, None, :] * self.weight[top].float()).sum(-1)
         return logits.scatter_(1, top, exact).to(x.dtype)
 
     def set_rescored(self, top: int = 64) -> None:
-        """Output head: fp32 weight kept (tied models share it with the embedding) plus a bf16 copy."""
+        """Output head: fp32 weight kept (tied models share it with the embedding) plus a ranking copy."""
         self.set_dense(torch.float32)
-        self.approx = self.weight.detach().to(torch.bfloat16)
+        approx = Linear(self.in_features, self.out_features)
+        if self.weight.device.type == "cpu" and self.out_features % 8 == 0 and self.in_features % 32 == 0 and cpu_kernels.available():
+            approx.packed, approx.scales = quant.pack_q8(*quant.quantize_q8(self.weight.detach()))
+            approx.packed_format, approx.has_dense = "q8", False
+            approx.weight = nn.Parameter(torch.empty(0), requires_grad=False)
+        else:
+            approx.weight = nn.Parameter(self.weight.detach().to(torch.bfloat16), requires_grad=False)
+        self.approx = approx
         self.rescore_top = min(top, self.out_features)
 
     def set_dense(self, dtype: torch.dtype) -> None:
         self.weight = nn.Parameter(self.weight.detach().to(dtype), requires_grad=False)
 
-    def set_int4(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, keep_dense: bool, act_dtype: torch.dtype = torch.bfloat16) -> None:
-        """Add a packed int4 copy (q in 0..15, w = (q - 8) * scale + zero per group of 32)."""
-        self.packed, self.scales = quant.pack_int4(q, scale, zero, act_dtype)
+    def set_int4(self, q: torch.Tensor, scale: torch.Tensor, min_: torch.Tensor, keep_dense: bool, act_dtype: torch.dtype = torch.bfloat16) -> None:
+        """Add a packed int4 copy (q in 0..15, w = q * scale + min per group of 32)."""
+        if q.device.type == "cpu" and q.shape[0] % 8 == 0 and cpu_kernels.available():
+            self.packed, self.scales, self.mins = quant.pack_q4(q, scale, min_)
+        else:
+            self.packed, self.scales = quant.pack_int4(q, scale, min_, act_dtype)
         self.packed_format = "int4"
         self._keep_dense(keep_dense)
 
@@ -112,7 +130,7 @@ def convert_linears(
     """
     if fmt not in WEIGHT_FORMATS:
         raise ValueError(f"unknown weight format {fmt!r}; choose from {', '.join(WEIGHT_FORMATS)}")
-    for name, module in model.named_modules():
+    for name, module in list(model.named_modules()):  # a list: the rescored head adds a submodule
         if not isinstance(module, Linear):
             continue
         target = lm_head_format if (name == "lm_head" and lm_head_format) else fmt
@@ -124,5 +142,5 @@ def convert_linears(
             module.set_int8(keep_dense)
         else:
             raw = (q4_1_blocks or {}).get(f"{name}.weight")
-            q, scale, zero = quant.q4_1_to_int4(*raw) if raw is not None else quant.quantize_int4(module.weight.detach())
-            module.set_int4(q, scale, zero, keep_dense)
+            q, scale, min_ = quant.q4_1_to_int4(*raw) if raw is not None else quant.quantize_int4(module.weight.detach())
+            module.set_int4(q, scale, min_, keep_dense)

@@ -1,8 +1,9 @@
 """Weight-only quantized formats for CPU matmuls, and exact conversion from GGUF Q4_1 blocks.
 
-torch's CPU int4 kernel computes ``w = (q - 8) * scale + zero`` per group of 32 input columns; a Q4_1
-block stores ``w = m + d * q``, so ``scale = d`` and ``zero = m + 8d`` reproduce the file's weights
-exactly (up to the kernel's activation dtype).
+int4 weights are held as ``w = q * scale + min`` per group of 32 input columns (q in 0..15), which is
+exactly a Q4_1 block (``d``, ``m``). Two packings: ours (``pack_q4``: Q4_1's nibble order, fp32 scale
+and min, for ``torch.ops.phiserve.int4_linear``) and torch's (``pack_int4``: its CPU int4 layout, which
+computes ``(q - 8) * scale + zero``, so ``zero = min + 8 * scale``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ Q4_1_BLOCK_BYTES = 20  # fp16 d, fp16 m, 16 bytes of nibbles
 
 
 def q4_1_to_int4(blocks: np.ndarray, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GGUF Q4_1 rows ``[N, K/32*20]`` uint8 -> (q int32 [N, K] in 0..15, scale [N, K/32], zero [N, K/32]) fp32."""
+    """GGUF Q4_1 rows ``[N, K/32*20]`` uint8 -> (q int32 [N, K] in 0..15, scale [N, K/32], min [N, K/32]) fp32."""
     n, k = shape
     raw = np.ascontiguousarray(blocks).reshape(n, k // INT4_GROUP, Q4_1_BLOCK_BYTES)
     d = raw[:, :, 0:2].copy().view(np.float16).astype(np.float32)[..., 0]
@@ -23,8 +24,7 @@ def q4_1_to_int4(blocks: np.ndarray, shape: tuple[int, int]) -> tuple[torch.Tens
     nibbles = raw[:, :, 4:]
     # Low nibbles hold elements 0..15 of a block, high nibbles 16..31.
     q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).reshape(n, k).astype(np.int32)
-    d_t, m_t = torch.from_numpy(d), torch.from_numpy(m)
-    return torch.from_numpy(q), d_t, m_t + 8 * d_t
+    return torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(m)
 
 
 def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -32,14 +32,33 @@ def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     n, k = w.shape
     g = w.float().reshape(n, k // INT4_GROUP, INT4_GROUP)
     lo, hi = g.amin(-1), g.amax(-1)
-    scale = ((hi - lo) / 15).clamp(min=1e-10)
+    # scale and min rounded to fp16, as Q4_1 stores them (our packing keeps fp16)
+    lo = lo.to(torch.float16).float()
+    scale = ((hi - lo) / 15).clamp(min=1e-7).to(torch.float16).float()
     q = ((g - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32).reshape(n, k)
-    return q, scale, lo + 8 * scale
+    return q, scale, lo
 
 
-def pack_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, act_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
-    scales_and_zeros = torch.stack([scale.t(), zero.t()], dim=-1).contiguous().to(act_dtype)  # [K/32, N, 2]
+def pack_q4(q: torch.Tensor, scale: torch.Tensor, min_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Our kernel's layout (see csrc/cpu_kernels.cpp), N a multiple of 8:
+    qweight int32 [N/8, K/8, 8] (lane l: feature 8*nb + l, nibble j: k = 8*kb + j), scales and mins
+    fp16 [N/8, K/32, 8] (exact for Q4_1, whose d and m are fp16)."""
+    n, k = q.shape
+    nib = q.to(torch.int64).reshape(n // 8, 8, k // 8, 8)  # [nb, lane, kb, j]
+    words = (nib << (4 * torch.arange(8))).sum(-1)  # [nb, lane, kb], values < 2**32
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    qweight = words.transpose(1, 2).contiguous()  # [nb, kb, lane]
+
+    def lanes(t: torch.Tensor) -> torch.Tensor:
+        return t.to(torch.float16).reshape(n // 8, 8, k // INT4_GROUP).transpose(1, 2).contiguous()
+
+    return qweight, lanes(scale), lanes(min_)
+
+
+def pack_int4(q: torch.Tensor, scale: torch.Tensor, min_: torch.Tensor, act_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's CPU int4 layout: (packed weight, scales_and_zeros [K/32, N, 2] in act_dtype)."""
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+    scales_and_zeros = torch.stack([scale.t(), (min_ + 8 * scale).t()], dim=-1).contiguous().to(act_dtype)
     return packed, scales_and_zeros
 
 
@@ -48,3 +67,24 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = (w.float().abs().amax(dim=1) / 127).clamp(min=1e-10)
     q = (w.float() / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
     return q, scale
+
+
+def quantize_q8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric group-32 int8 (GGUF Q8_0): (q int8 [N, K], scale fp16-valued fp32 [N, K/32]).
+    Exact for weights dequantized from Q8_0: the largest |w| of a group is 127 * d, so d and q come back."""
+    n, k = w.shape
+    g = w.float().reshape(n, k // INT4_GROUP, INT4_GROUP)
+    scale = (g.abs().amax(-1) / 127).to(torch.float16).float()
+    q = torch.where(scale[..., None] > 0, g / scale[..., None], 0).round().clamp(-127, 127).to(torch.int8)
+    return q.reshape(n, k), scale
+
+
+def pack_q8(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our int8 kernel's layout, N a multiple of 8: qweight int32 [N/8, K/4, 8] (lane l: feature 8*nb + l,
+    byte j: k = 4*kb + j), scales fp16 [N/8, K/32, 8]."""
+    n, k = q.shape
+    b = q.to(torch.int64).reshape(n // 8, 8, k // 4, 4) & 0xFF  # [nb, lane, kb, j] as unsigned bytes
+    words = (b << (8 * torch.arange(4))).sum(-1)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    scales = scale.to(torch.float16).reshape(n // 8, 8, k // INT4_GROUP).transpose(1, 2).contiguous()
+    return words.transpose(1, 2).contiguous(), scales

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from phiserve.host import pick_precision
-from phiserve.models.attention import AttentionMetadata, DecodeGroup
+from phiserve.models.attention import AttentionMetadata
 from phiserve.models.loader import load_model
 from phiserve.tokenizer.tokenizer import Tokenizer
 
@@ -72,8 +72,7 @@ def test_default_precision_decode_rows(setup):
     rows = []
     with torch.inference_mode():
         for i in range(n):  # one decode row per step, attending over the cache like the server's decodes
-            group = DecodeGroup(torch.tensor([0]), torch.arange(i + 1)[None, :], torch.ones(1, 1, 1, i + 1, dtype=torch.bool))
-            meta = AttentionMetadata(slot_mapping=torch.tensor([i]), decodes=(group,))
+            meta = AttentionMetadata.single_decode(i)
             rows.append(served(ids[i : i + 1], torch.tensor([i]), caches, meta, torch.tensor([0]), dense_rows=0)[0])
     kl, top1 = kl_and_top1(ref_logits, torch.stack(rows))
     print(f"decode rows: KL {kl:.6f} top-1 {top1:.4f} over {n} tokens")

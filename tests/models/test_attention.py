@@ -2,22 +2,35 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from phiserve.models.attention import DECODE_WIDTH_QUANTUM, AttentionMetadata, DecodeGroup, paged_attention
+from phiserve.models import attention, cpu_kernels
+from phiserve.models.attention import AttentionMetadata, DecodeRows, paged_attention
+
+BLOCK = 4
 
 
-def _decode_meta(rows: list[int], lengths: list[int], starts: list[int]) -> AttentionMetadata:
-    width = DECODE_WIDTH_QUANTUM
-    slots = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, (n, s) in enumerate(zip(lengths, starts, strict=True)):
-        slots[i, :n] = torch.arange(s, s + n)
-    mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).view(len(rows), 1, 1, width)
+@pytest.fixture(params=["kernel", "torch"])
+def decode_path(request, monkeypatch):
+    """Both decode implementations: our CPU kernel (when it builds here) and torch's matmuls."""
+    if request.param == "kernel" and not cpu_kernels.available():
+        pytest.skip("CPU kernels unavailable here")
+    if request.param == "torch":
+        monkeypatch.setattr(attention, "_use_cpu_kernel", lambda q, k: False)
+    return request.param
+
+
+def _decode_meta(lengths: list[int], starts: list[int]) -> AttentionMetadata:
+    """Each context is contiguous from slot `start` (a multiple of BLOCK), as blocks start//BLOCK, +1..."""
+    tables = [list(range(s // BLOCK, -(-(s + n) // BLOCK))) for n, s in zip(lengths, starts, strict=True)]
+    width = max(len(t) for t in tables)
+    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
     last = torch.tensor([s + n - 1 for n, s in zip(lengths, starts, strict=True)])
-    return AttentionMetadata(slot_mapping=last, decodes=(DecodeGroup(torch.tensor(rows), slots, mask),))
+    return AttentionMetadata(slot_mapping=last, decodes=DecodeRows(0, padded, torch.tensor(lengths, dtype=torch.int32), BLOCK))
 
 
-def test_decode_matches_causal_reference_and_is_batch_invariant():
+def test_decode_matches_causal_reference_and_is_batch_invariant(decode_path):
     torch.manual_seed(0)
     heads, kv_heads, dim = 9, 3, 64
     lengths, starts = [37, 5, 90, 64], [0, 100, 200, 400]
@@ -26,9 +39,9 @@ def test_decode_matches_causal_reference_and_is_batch_invariant():
     q = torch.randn(len(lengths), heads, dim)
     k_new = torch.stack([k_cache[s + n - 1] for n, s in zip(lengths, starts, strict=True)])
     v_new = torch.stack([v_cache[s + n - 1] for n, s in zip(lengths, starts, strict=True)])
-    batched = paged_attention(q, k_new, v_new, k_cache.clone(), v_cache.clone(), _decode_meta([0, 1, 2, 3], lengths, starts), 0.125)
+    batched = paged_attention(q, k_new, v_new, k_cache.clone(), v_cache.clone(), _decode_meta(lengths, starts), 0.125)
     for i, (n, s) in enumerate(zip(lengths, starts, strict=True)):
-        alone = paged_attention(q[i : i + 1], k_new[i : i + 1], v_new[i : i + 1], k_cache.clone(), v_cache.clone(), _decode_meta([0], [n], [s]), 0.125)
+        alone = paged_attention(q[i : i + 1], k_new[i : i + 1], v_new[i : i + 1], k_cache.clone(), v_cache.clone(), _decode_meta([n], [s]), 0.125)
         assert torch.equal(alone[0], batched[i])  # bitwise: seeded sampling must not see the batch
         ks, vs = k_cache[s : s + n], v_cache[s : s + n]
         ref = torch.nn.functional.scaled_dot_product_attention(

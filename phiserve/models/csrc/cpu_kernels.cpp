@@ -1,0 +1,365 @@
+// CPU kernels for the decode step: int4 weight-only linear and attention over the paged KV cache.
+//
+// Both compute every row with the same sequence of float operations whatever else is in the batch
+// (no reduction is split by batch size), so a request's tokens do not depend on the load.
+// Built at first use by phiserve/models/cpu_kernels.py with -march=native; AVX2 paths with a
+// scalar fallback for other CPUs.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define PHISERVE_AVX2 1
+#endif
+
+namespace {
+
+constexpr int64_t kGroup = 32;  // int4 group size: 32 weights share a scale and a min
+
+#ifdef PHISERVE_AVX2
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// exp for x <= 0 (softmax after subtracting the max), Cephes-style polynomial, ~1 ulp.
+inline __m256 exp_nonpositive(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
+}
+#endif
+
+inline float dot(const float* a, const float* b, int64_t n) {
+#ifdef PHISERVE_AVX2
+  if (n % 16 == 0) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+      s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+      s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    return hsum(_mm256_add_ps(s0, s1));
+  }
+#endif
+  float s = 0.f;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// Weight-only linear layers with fp32 activations, weights in groups of 32 input columns:
+//   int4: w = q * scale + min, q in 0..15 (GGUF Q4_1)     int8: w = q * scale, q in -127..127 (GGUF Q8_0)
+// Layout (quant.pack_q4 / pack_q8): qweight int32 [N/8, K/(32/Bits), 8]: lane l of (nb, kb) packs the
+// 32/Bits values of feature 8*nb + l for k = kb*(32/Bits) + j at bits j*Bits; scales and mins fp16
+// [N/8, K/32, 8] (the files store fp16 too; decode is memory-bound, so bytes count). Eight features
+// sit in the lanes of a vector, so a weight becomes a float with two integer ops and a convert (no
+// shuffles) and x[k] is a broadcast. Per group:  out += scale * sum_k q_k x_k (+ min * sum_k x_k);
+// q times x summed in fp32 is as precise as a dense fp32 product with the dequantized weights.
+constexpr int64_t kLanes = 8;
+
+// sum of each group of 32 x values, per row (fixed order, so a row's sums never depend on the batch)
+std::vector<float> group_sums(const float* x, int64_t M, int64_t K) {
+  const int64_t G = K / kGroup;
+  std::vector<float> sums(M * G);
+  for (int64_t i = 0; i < M * G; ++i) {
+    float s = 0.f;
+    for (int64_t j = 0; j < kGroup; ++j) s += x[i * kGroup + j];
+    sums[i] = s;
+  }
+  return sums;
+}
+
+template <int Bits>
+struct Packing {
+  static constexpr int64_t kPerLane = 32 / Bits;          // values per int32 lane
+  static constexpr int64_t kWordsPerGroup = kGroup / kPerLane;
+  static int32_t value(uint32_t word, int64_t j) {
+    return Bits == 4 ? static_cast<int32_t>((word >> (4 * j)) & 0x0F) : static_cast<int8_t>((word >> (8 * j)) & 0xFF);
+  }
+};
+
+#ifdef PHISERVE_AVX2
+template <int Bits, int J>
+inline __m256 lane_values(__m256i packed) {
+  if constexpr (Bits == 4) return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(packed, 4 * J), _mm256_set1_epi32(0x0F)));
+  else return _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(packed, 24 - 8 * J), 24));
+}
+
+// R rows against NB blocks of 8 features. Every (row, feature) is computed by the same operations in
+// the same order in every instantiation (even and odd k in two partial sums per group), so a row's
+// result does not depend on how many rows share the call.
+template <int Bits, int R, int NB>
+inline void tile(const float* x, const float* xsum, int64_t K, const int32_t* q, const at::Half* scales,
+                 const at::Half* mins, float* out, int64_t N) {
+  using P = Packing<Bits>;
+  const int64_t G = K / kGroup, words = K / P::kPerLane;
+  __m256 acc[R][NB];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < NB; ++b) acc[r][b] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 even[R][NB], odd[R][NB];
+    for (int r = 0; r < R; ++r)
+      for (int b = 0; b < NB; ++b) even[r][b] = odd[r][b] = _mm256_setzero_ps();
+    for (int64_t kb = g * P::kWordsPerGroup; kb < (g + 1) * P::kWordsPerGroup; ++kb) {
+      for (int b = 0; b < NB; ++b) {
+        const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + (b * words + kb) * kLanes));
+        const float* xk = x + kb * P::kPerLane;
+        auto step = [&](auto j_const, __m256(&part)[R][NB]) {
+          constexpr int J = decltype(j_const)::value;
+          const __m256 w = lane_values<Bits, J>(packed);
+          for (int r = 0; r < R; ++r) part[r][b] = _mm256_fmadd_ps(w, _mm256_broadcast_ss(xk + r * K + J), part[r][b]);
+        };
+        step(std::integral_constant<int, 0>{}, even);
+        step(std::integral_constant<int, 1>{}, odd);
+        step(std::integral_constant<int, 2>{}, even);
+        step(std::integral_constant<int, 3>{}, odd);
+        if constexpr (Bits == 4) {
+          step(std::integral_constant<int, 4>{}, even);
+          step(std::integral_constant<int, 5>{}, odd);
+          step(std::integral_constant<int, 6>{}, even);
+          step(std::integral_constant<int, 7>{}, odd);
+        }
+      }
+    }
+    for (int b = 0; b < NB; ++b) {
+      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + (b * G + g) * kLanes)));
+      for (int r = 0; r < R; ++r) acc[r][b] = _mm256_fmadd_ps(_mm256_add_ps(even[r][b], odd[r][b]), d, acc[r][b]);
+      if constexpr (Bits == 4) {
+        const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mins + (b * G + g) * kLanes)));
+        for (int r = 0; r < R; ++r) acc[r][b] = _mm256_fmadd_ps(mn, _mm256_set1_ps(xsum[r * G + g]), acc[r][b]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < NB; ++b) _mm256_storeu_ps(out + r * N + b * kLanes, acc[r][b]);
+}
+#endif
+
+// One block of 8 features for `rows` rows: the portable path (same math, scalar).
+template <int Bits>
+void tile_scalar(const float* x, const float* xsum, int64_t rows, int64_t K, const int32_t* q, const at::Half* scales,
+                 const at::Half* mins, float* out, int64_t N) {
+  using P = Packing<Bits>;
+  const int64_t G = K / kGroup;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      float acc = 0.f;
+      for (int64_t g = 0; g < G; ++g) {
+        float even = 0.f, odd = 0.f;
+        for (int64_t kb = g * P::kWordsPerGroup; kb < (g + 1) * P::kWordsPerGroup; ++kb) {
+          const uint32_t word = static_cast<uint32_t>(q[kb * kLanes + l]);
+          for (int64_t j = 0; j < P::kPerLane; ++j)
+            (j % 2 ? odd : even) += static_cast<float>(P::value(word, j)) * x[r * K + kb * P::kPerLane + j];
+        }
+        acc += (even + odd) * static_cast<float>(scales[g * kLanes + l]);
+        if (Bits == 4) acc += static_cast<float>(mins[g * kLanes + l]) * xsum[r * G + g];
+      }
+      out[r * N + l] = acc;
+    }
+  }
+}
+
+template <int Bits>
+at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                              const at::Tensor* mins) {
+  using P = Packing<Bits>;
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
+  TORCH_CHECK(qweight.dim() == 3 && qweight.scalar_type() == at::kInt && qweight.is_contiguous() && qweight.size(2) == kLanes,
+              "qweight: contiguous int32 [N/8, K*Bits/32, 8]");
+  const int64_t M = x.size(0), K = x.size(1), NB = qweight.size(0), N = NB * kLanes, G = K / kGroup;
+  TORCH_CHECK(K % kGroup == 0 && qweight.size(1) * P::kPerLane == K, "K must be a multiple of 32 and match qweight");
+  for (const at::Tensor* t : {&scales, mins}) {
+    if (t != nullptr)
+      TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous() && t->numel() == N * G,
+                  "scales, mins: contiguous float16 [N/8, K/32, 8]");
+  }
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return out;
+  const float* xp = x.data_ptr<float>();
+  const std::vector<float> xsum = group_sums(xp, M, K);  // (int8 has no min term; cheap either way)
+  const float* xs = xsum.data();
+  const int32_t* qp = qweight.data_ptr<int32_t>();
+  const at::Half* sp = scales.data_ptr<at::Half>();
+  const at::Half* mp = mins != nullptr ? mins->data_ptr<at::Half>() : nullptr;
+  float* op = out.data_ptr<float>();
+  const int64_t block_q = (K / P::kPerLane) * kLanes, block_s = G * kLanes;
+  // Work is split over pairs of feature blocks, never over K.
+  at::parallel_for(0, (NB + 1) / 2, 4, [&](int64_t p0, int64_t p1) {
+    for (int64_t b = 2 * p0; b < std::min(NB, 2 * p1); b += 2) {
+      const int64_t blocks = std::min<int64_t>(2, NB - b);
+      for (int64_t bb = 0; bb < blocks; ++bb) {
+        const int32_t* q = qp + (b + bb) * block_q;
+        const at::Half* s = sp + (b + bb) * block_s;
+        const at::Half* mn = mp != nullptr ? mp + (b + bb) * block_s : nullptr;
+        float* o = op + (b + bb) * kLanes;
+        int64_t m = 0;
+#ifdef PHISERVE_AVX2
+        if (M == 1 && blocks == 2) {  // one row: both blocks at once, so four accumulator chains overlap
+          tile<Bits, 1, 2>(xp, xs, K, q, s, mn, o, N);
+          break;
+        }
+        for (; m + 4 <= M; m += 4) tile<Bits, 4, 1>(xp + m * K, xs + m * G, K, q, s, mn, o + m * N, N);
+        for (; m + 2 <= M; m += 2) tile<Bits, 2, 1>(xp + m * K, xs + m * G, K, q, s, mn, o + m * N, N);
+        for (; m < M; ++m) tile<Bits, 1, 1>(xp + m * K, xs + m * G, K, q, s, mn, o + m * N, N);
+#endif
+        tile_scalar<Bits>(xp + m * K, xs + m * G, M - m, K, q, s, mn, o + m * N, N);
+      }
+    }
+  });
+  return out;
+}
+
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins) {
+  return weight_only_linear<4>(x, qweight, scales, &mins);
+}
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
+  return weight_only_linear<8>(x, qweight, scales, nullptr);
+}
+
+// Attention of single-token decode rows over their paged context (the new token's K/V already
+// written). q [B, H, D]; k_cache, v_cache [slots, KVH, D]; block_tables [B, max_blocks] int32;
+// context_lens [B] int32. Returns [B, H, D].
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t block_size,
+                                  double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q: contiguous float32 [B, H, D]");
+  TORCH_CHECK(k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat && k_cache.is_contiguous() &&
+                  v_cache.is_contiguous(),
+              "caches: contiguous float32 [slots, KVH, D]");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.is_contiguous() &&
+                  context_lens.scalar_type() == at::kInt && context_lens.is_contiguous(),
+              "block_tables, context_lens: contiguous int32");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = k_cache.size(1), MB = block_tables.size(1);
+  TORCH_CHECK(H % KVH == 0 && k_cache.size(2) == D && block_tables.size(0) == B && context_lens.size(0) == B,
+              "shapes do not match");
+  const int64_t G = H / KVH;
+  at::Tensor out = at::empty_like(q);
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k_cache.data_ptr<float>();
+  const float* vp = v_cache.data_ptr<float>();
+  const int32_t* bt = block_tables.data_ptr<int32_t>();
+  const int32_t* lens = context_lens.data_ptr<int32_t>();
+  float* op = out.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  for (int64_t b = 0; b < B; ++b) {  // checked here: an exception must not leave the parallel region
+    TORCH_CHECK(lens[b] > 0 && lens[b] <= MB * block_size, "context length out of range");
+  }
+  at::parallel_for(0, B * KVH, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> scores;
+    std::vector<float> acc(D);
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t b = task / KVH, kvh = task % KVH;
+      const int64_t len = lens[b];
+      scores.resize(len);
+      const int32_t* table = bt + b * MB;
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t h = kvh * G + g;
+        const float* qh = qp + (b * H + h) * D;
+        float mx = -INFINITY;
+        for (int64_t t = 0; t < len; ++t) {
+          const int64_t slot = static_cast<int64_t>(table[t / block_size]) * block_size + t % block_size;
+          const float s = dot(qh, kp + (slot * KVH + kvh) * D, D) * sc;
+          scores[t] = s;
+          mx = std::max(mx, s);
+        }
+        float total = 0.f;
+        int64_t t = 0;
+#ifdef PHISERVE_AVX2
+        __m256 vtotal = _mm256_setzero_ps();
+        for (; t + 8 <= len; t += 8) {
+          const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores.data() + t), _mm256_set1_ps(mx)));
+          _mm256_storeu_ps(scores.data() + t, e);
+          vtotal = _mm256_add_ps(vtotal, e);
+        }
+        total = hsum(vtotal);
+#endif
+        for (; t < len; ++t) {
+          scores[t] = std::exp(scores[t] - mx);
+          total += scores[t];
+        }
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (t = 0; t < len; ++t) {
+          const int64_t slot = static_cast<int64_t>(table[t / block_size]) * block_size + t % block_size;
+          const float* vrow = vp + (slot * KVH + kvh) * D;
+          const float p = scores[t];
+          for (int64_t i = 0; i < D; ++i) acc[i] += p * vrow[i];  // vectorized by the compiler
+        }
+        float* oh = op + (b * H + h) * D;
+        const float inv = 1.f / total;
+        for (int64_t i = 0; i < D; ++i) oh[i] = acc[i] * inv;
+      }
+    }
+  });
+  return out;
+}
+
+// RMSNorm of each row of x [T, D] with weight w [D]; with `residual`, first x += residual in place (the
+// decoder's residual add fused into the norm that follows it). Rows are independent, fixed order.
+at::Tensor rms_norm_impl(const at::Tensor& x, const c10::optional<at::Tensor>& residual, const at::Tensor& w, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [T, D]");
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.numel() == x.size(1), "w: float32 [D]");
+  const int64_t T = x.size(0), D = x.size(1);
+  float* xp = x.data_ptr<float>();
+  const float* rp = nullptr;
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->scalar_type() == at::kFloat && residual->is_contiguous() && residual->sizes() == x.sizes(),
+                "residual: contiguous float32 like x");
+    rp = residual->data_ptr<float>();
+  }
+  const float* wp = w.data_ptr<float>();
+  at::Tensor out = at::empty_like(x);
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      float* xr = xp + t * D;
+      if (rp != nullptr)
+        for (int64_t i = 0; i < D; ++i) xr[i] += rp[t * D + i];
+      const float inv = 1.f / std::sqrt(dot(xr, xr, D) / static_cast<float>(D) + static_cast<float>(eps));
+      for (int64_t i = 0; i < D; ++i) op[t * D + i] = xr[i] * inv * wp[i];
+    }
+  });
+  return out;
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) { return rms_norm_impl(x, c10::nullopt, w, eps); }
+
+at::Tensor add_rms_norm_(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& w, double eps) {
+  return rms_norm_impl(x, residual, w, eps);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(phiserve, m) {
+  m.def("int4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor mins) -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
+  m.def("add_rms_norm_(Tensor(a!) x, Tensor residual, Tensor w, float eps) -> Tensor");
+  m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, int block_size, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(phiserve, CPU, m) {
+  m.impl("int4_linear", &int4_linear);
+  m.impl("paged_decode_attention", &paged_decode_attention);
+  m.impl("int8_linear", &int8_linear);
+  m.impl("rms_norm", &rms_norm);
+  m.impl("add_rms_norm_", &add_rms_norm_);
+}

@@ -1,0 +1,93 @@
+"""Our CPU kernels: they build wherever a C++ compiler is, compute what they claim, and never let a
+row's result depend on the other rows of the batch."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from phiserve.models import cpu_kernels, quant
+
+needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="CPU kernels unavailable here")
+
+
+def test_kernels_build_where_a_compiler_is():
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler on this machine")
+    assert cpu_kernels.available(), "the CPU kernels failed to build; the server would fall back to slower torch kernels"
+
+
+def _weights(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return quant.quantize_int4(torch.randn(n, k, generator=g) * 0.05)
+
+
+def _dense(q: torch.Tensor, scale: torch.Tensor, min_: torch.Tensor) -> torch.Tensor:
+    return q.double() * scale.double().repeat_interleave(32, 1) + min_.double().repeat_interleave(32, 1)
+
+
+@needs_kernels
+@pytest.mark.parametrize("n", [8, 16, 24, 136])
+def test_int4_linear_equals_the_dequantized_product(n):
+    q, scale, min_ = _weights(n, 96)
+    x = torch.randn(7, 96)
+    out = torch.ops.phiserve.int4_linear(x, *quant.pack_q4(q, scale, min_))
+    ref = x.double() @ _dense(q, scale, min_).t()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)  # fp32 activations: no quantization error
+
+
+@needs_kernels
+def test_int4_linear_rows_do_not_depend_on_the_batch():
+    q, scale, min_ = _weights(72, 128, seed=1)
+    packed = quant.pack_q4(q, scale, min_)
+    x = torch.randn(11, 128)
+    batched = torch.ops.phiserve.int4_linear(x, *packed)
+    for m in range(1, 12):  # every row tile (4, 2, 1 rows) and the odd block of features
+        assert torch.equal(torch.ops.phiserve.int4_linear(x[:m].contiguous(), *packed), batched[:m])
+    for i in range(11):
+        assert torch.equal(torch.ops.phiserve.int4_linear(x[i : i + 1].contiguous(), *packed)[0], batched[i])
+
+
+@needs_kernels
+def test_int4_linear_rejects_bad_shapes():
+    q, scale, min_ = _weights(8, 64)
+    qweight, scales, mins = quant.pack_q4(q, scale, min_)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        torch.ops.phiserve.int4_linear(torch.randn(2, 48), qweight[:, :6].contiguous(), scales, mins)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.phiserve.int4_linear(torch.randn(2, 64, dtype=torch.float64), qweight, scales, mins)
+
+
+@needs_kernels
+def test_decode_attention_rejects_a_context_past_its_block_table():
+    q = torch.randn(1, 4, 16)
+    cache = torch.randn(8, 2, 16)
+    with pytest.raises(RuntimeError, match="context length"):
+        torch.ops.phiserve.paged_decode_attention(q, cache, cache, torch.tensor([[0, 1]], dtype=torch.int32), torch.tensor([9], dtype=torch.int32), 4, 0.25)
+
+
+@needs_kernels
+def test_int8_linear_equals_the_dequantized_product_and_q8_0_round_trips():
+    g = torch.Generator().manual_seed(2)
+    q, scale = quant.quantize_q8(torch.randn(24, 64, generator=g))
+    dense = q.double() * scale.double().repeat_interleave(32, 1)
+    again_q, again_scale = quant.quantize_q8(dense.float())  # weights dequantized from Q8_0 come back exactly
+    assert torch.equal(again_q, q) and torch.equal(again_scale, scale)
+    packed = quant.pack_q8(q, scale)
+    x = torch.randn(9, 64, generator=g)
+    out = torch.ops.phiserve.int8_linear(x, *packed)
+    torch.testing.assert_close(out.double(), x.double() @ dense.t(), rtol=1e-5, atol=1e-5)
+    for i in range(9):  # row tiles of 4, 2, 1 give each row the same bits
+        assert torch.equal(torch.ops.phiserve.int8_linear(x[i : i + 1].contiguous(), *packed)[0], out[i])
+
+
+@needs_kernels
+def test_rms_norm_kernels_match_torch():
+    x, res, w = torch.randn(5, 64), torch.randn(5, 64), torch.randn(64)
+    torch.testing.assert_close(torch.ops.phiserve.rms_norm(x, w, 1e-5), torch.nn.functional.rms_norm(x, (64,), w, 1e-5))
+    fused = x.clone()
+    out = torch.ops.phiserve.add_rms_norm_(fused, res, w, 1e-5)
+    torch.testing.assert_close(fused, x + res)  # the residual add happens in place
+    torch.testing.assert_close(out, torch.nn.functional.rms_norm(x + res, (64,), w, 1e-5))
