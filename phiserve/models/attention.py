@@ -75,8 +75,10 @@ class AttentionMetadata:
         return cls(torch.tensor([position]), DecodeRows(0, table, torch.tensor([position + 1], dtype=torch.int32), 1))
 
 
-def _use_cpu_kernel(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    return q.device.type == "cpu" and q.dtype == k_cache.dtype == torch.float32 and cpu_kernels.available()
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store the new tokens' keys and values (torch path; our kernel path does it in rope_and_cache)."""
+    k_cache[slot_mapping] = k
+    v_cache[slot_mapping] = v
 
 
 def paged_attention(
@@ -88,17 +90,16 @@ def paged_attention(
     meta: AttentionMetadata | None,
     scale: float,
 ) -> torch.Tensor:
-    """q: [T, H, D]; k, v: [T, KVH, D]. Returns [T, H, D].
+    """q: [T, H, D]; k, v: [T, KVH, D], already written to the cache at ``meta.slot_mapping``.
+    Returns [T, H, D].
 
     Without a cache (``meta`` None) the whole input is one causal sequence: the reference path.
     """
     if meta is None or k_cache is None:
         return _causal(q, k, v, scale)
-    k_cache[meta.slot_mapping] = k
-    v_cache[meta.slot_mapping] = v
     out = torch.empty_like(q)
     dec = meta.decodes
-    if dec is not None and _use_cpu_kernel(q, k_cache):
+    if dec is not None and cpu_kernels.usable(q, k_cache):
         out[dec.start :] = torch.ops.phiserve.paged_decode_attention(
             q[dec.start :].contiguous(), k_cache, v_cache, dec.block_tables, dec.context_lens, dec.block_size, scale
         )

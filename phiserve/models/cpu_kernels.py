@@ -41,6 +41,11 @@ def available() -> bool:
     return hasattr(torch.ops.phiserve, "int4_linear")
 
 
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether our kernels take these tensors: all float32 on the CPU, and the kernels built."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and available()
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
     print("phiserve CPU kernels:", "built" if available() else "unavailable (torch fallback)")

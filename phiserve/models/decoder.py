@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from phiserve.models import cpu_kernels
-from phiserve.models.attention import AttentionMetadata, paged_attention
+from phiserve.models.attention import AttentionMetadata, paged_attention, write_kv
 from phiserve.models.config import ModelConfig
 from phiserve.models.linear import Linear
 
@@ -27,7 +27,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """norm(x); with ``residual``, first ``x += residual`` in place (the residual add fused in)."""
-        if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and cpu_kernels.available():
+        if x.dim() == 2 and cpu_kernels.usable(x):
             if residual is None:
                 return torch.ops.phiserve.rms_norm(x, self.weight, self.eps)
             return torch.ops.phiserve.add_rms_norm_(x, residual.contiguous(), self.weight, self.eps)
@@ -98,11 +98,20 @@ class Attention(nn.Module):
         dense_rows: int | None,
     ) -> torch.Tensor:
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x, dense_rows).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rope(q.view(T, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(k.view(T, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x, dense_rows)
         k_cache, v_cache = kv_cache if kv_cache is not None else (None, None)
+        if k_cache is not None and meta is not None and cpu_kernels.usable(qkv, cos, k_cache):
+            # one op: rotate q and k, split out v, write k and v into the paged cache
+            q, k, v = torch.ops.phiserve.rope_and_cache(
+                qkv, cos.view(T, -1), sin.view(T, -1), k_cache, v_cache, meta.slot_mapping, self.num_heads, self.num_kv_heads
+            )
+        else:
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = apply_rope(q.view(T, self.num_heads, self.head_dim), cos, sin)
+            k = apply_rope(k.view(T, self.num_kv_heads, self.head_dim), cos, sin)
+            v = v.view(T, self.num_kv_heads, self.head_dim)
+            if k_cache is not None and meta is not None:
+                write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         o = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
         return self.o_proj(o.reshape(T, self.num_heads * self.head_dim), dense_rows)
 
@@ -114,7 +123,10 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor, dense_rows: int | None) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x, dense_rows).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x, dense_rows)
+        if gate_up.dim() == 2 and cpu_kernels.usable(gate_up):
+            return self.down_proj(torch.ops.phiserve.silu_mul(gate_up), dense_rows)
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up, dense_rows)
 
 

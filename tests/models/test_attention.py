@@ -17,7 +17,7 @@ def decode_path(request, monkeypatch):
     if request.param == "kernel" and not cpu_kernels.available():
         pytest.skip("CPU kernels unavailable here")
     if request.param == "torch":
-        monkeypatch.setattr(attention, "_use_cpu_kernel", lambda q, k: False)
+        monkeypatch.setattr(attention.cpu_kernels, "usable", lambda *tensors: False)
     return request.param
 
 

@@ -91,3 +91,33 @@ def test_rms_norm_kernels_match_torch():
     out = torch.ops.phiserve.add_rms_norm_(fused, res, w, 1e-5)
     torch.testing.assert_close(fused, x + res)  # the residual add happens in place
     torch.testing.assert_close(out, torch.nn.functional.rms_norm(x + res, (64,), w, 1e-5))
+
+
+@needs_kernels
+def test_rope_and_cache_matches_the_torch_path():
+    from phiserve.models.decoder import apply_rope
+
+    t, heads, kv_heads, dim = 5, 4, 2, 16
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * dim)
+    angles = torch.randn(t, dim // 2)
+    cos, sin = angles.cos(), angles.sin()
+    k_cache, v_cache = torch.zeros(12, kv_heads, dim), torch.zeros(12, kv_heads, dim)
+    slots = torch.tensor([7, 2, 9, 0, 11])
+    q, k, v = torch.ops.phiserve.rope_and_cache(qkv, cos, sin, k_cache, v_cache, slots, heads, kv_heads)
+    rq, rk, rv = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    torch.testing.assert_close(q, apply_rope(rq.view(t, heads, dim), cos[:, None], sin[:, None]))
+    torch.testing.assert_close(k, apply_rope(rk.view(t, kv_heads, dim), cos[:, None], sin[:, None]))
+    assert torch.equal(v, rv.reshape(t, kv_heads, dim))
+    assert torch.equal(k_cache[slots], k) and torch.equal(v_cache[slots], v)
+    untouched = torch.tensor([i for i in range(12) if i not in slots.tolist()])
+    assert not k_cache[untouched].any() and not v_cache[untouched].any()
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        torch.ops.phiserve.rope_and_cache(qkv, cos, sin, k_cache, v_cache, torch.tensor([0, 1, 2, 3, 12]), heads, kv_heads)
+
+
+@needs_kernels
+def test_silu_mul_matches_torch_over_the_whole_range():
+    gate = torch.cat([torch.linspace(-100, 100, 37), torch.randn(30) * 4])  # 67: vector part and scalar tail
+    gate_up = torch.stack([torch.cat([gate, torch.randn(67)]), torch.cat([gate.flip(0), torch.randn(67)])])
+    ref = torch.nn.functional.silu(gate_up[:, :67]) * gate_up[:, 67:]
+    torch.testing.assert_close(torch.ops.phiserve.silu_mul(gate_up), ref, rtol=1e-6, atol=1e-6)

@@ -264,49 +264,58 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
     TORCH_CHECK(lens[b] > 0 && lens[b] <= MB * block_size, "context length out of range");
   }
   at::parallel_for(0, B * KVH, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> scores;
-    std::vector<float> acc(D);
+    std::vector<float> scores, acc(G * D);
+    std::vector<int64_t> rows;  // offset of each context token's row in the caches
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / KVH, kvh = task % KVH;
       const int64_t len = lens[b];
-      scores.resize(len);
       const int32_t* table = bt + b * MB;
+      rows.resize(len);
+      for (int64_t t = 0; t < len; ++t)
+        rows[t] = ((static_cast<int64_t>(table[t / block_size]) * block_size + t % block_size) * KVH + kvh) * D;
+      // The G query heads of this KV head go together, so each K and V row is read once.
+      scores.resize(G * len);
+      const float* qh = qp + (b * H + kvh * G) * D;
+      for (int64_t t = 0; t < len; ++t) {
+        const float* krow = kp + rows[t];
+        for (int64_t g = 0; g < G; ++g) scores[g * len + t] = dot(qh + g * D, krow, D) * sc;
+      }
       for (int64_t g = 0; g < G; ++g) {
-        const int64_t h = kvh * G + g;
-        const float* qh = qp + (b * H + h) * D;
-        float mx = -INFINITY;
-        for (int64_t t = 0; t < len; ++t) {
-          const int64_t slot = static_cast<int64_t>(table[t / block_size]) * block_size + t % block_size;
-          const float s = dot(qh, kp + (slot * KVH + kvh) * D, D) * sc;
-          scores[t] = s;
-          mx = std::max(mx, s);
-        }
+        float* sg = scores.data() + g * len;
+        const float mx = *std::max_element(sg, sg + len);
         float total = 0.f;
         int64_t t = 0;
 #ifdef PHISERVE_AVX2
         __m256 vtotal = _mm256_setzero_ps();
         for (; t + 8 <= len; t += 8) {
-          const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores.data() + t), _mm256_set1_ps(mx)));
-          _mm256_storeu_ps(scores.data() + t, e);
+          const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(sg + t), _mm256_set1_ps(mx)));
+          _mm256_storeu_ps(sg + t, e);
           vtotal = _mm256_add_ps(vtotal, e);
         }
         total = hsum(vtotal);
 #endif
         for (; t < len; ++t) {
-          scores[t] = std::exp(scores[t] - mx);
-          total += scores[t];
+          sg[t] = std::exp(sg[t] - mx);
+          total += sg[t];
         }
-        std::fill(acc.begin(), acc.end(), 0.f);
-        for (t = 0; t < len; ++t) {
-          const int64_t slot = static_cast<int64_t>(table[t / block_size]) * block_size + t % block_size;
-          const float* vrow = vp + (slot * KVH + kvh) * D;
-          const float p = scores[t];
-          for (int64_t i = 0; i < D; ++i) acc[i] += p * vrow[i];  // vectorized by the compiler
-        }
-        float* oh = op + (b * H + h) * D;
         const float inv = 1.f / total;
-        for (int64_t i = 0; i < D; ++i) oh[i] = acc[i] * inv;
+        for (t = 0; t < len; ++t) sg[t] *= inv;
       }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t t = 0; t < len; ++t) {
+        const float* vrow = vp + rows[t];
+        for (int64_t g = 0; g < G; ++g) {
+          const float p = scores[g * len + t];
+          float* a = acc.data() + g * D;
+          int64_t i = 0;
+#ifdef PHISERVE_AVX2
+          const __m256 pv = _mm256_set1_ps(p);
+          for (; i + 8 <= D; i += 8) _mm256_storeu_ps(a + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(vrow + i), _mm256_loadu_ps(a + i)));
+#endif
+          for (; i < D; ++i) a[i] += p * vrow[i];
+        }
+      }
+      std::copy(acc.begin(), acc.end(), op + (b * H + kvh * G) * D);
     }
   });
   return out;
@@ -346,11 +355,94 @@ at::Tensor add_rms_norm_(const at::Tensor& x, const at::Tensor& residual, const 
   return rms_norm_impl(x, residual, w, eps);
 }
 
+// Rotary embedding (Hugging Face / NeoX halves) of the q and k parts of the fused qkv projection
+// [T, (H + 2 KVH) * D], and the write of k and v into the paged cache at slot_mapping [T].
+// cos, sin: [T, D/2]. Returns q, k, v as contiguous [T, H or KVH, D] (prefill attention reads k, v).
+std::vector<at::Tensor> rope_and_cache(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                                       const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                       const at::Tensor& slot_mapping, int64_t num_heads, int64_t num_kv_heads) {
+  TORCH_CHECK(qkv.dim() == 2 && qkv.scalar_type() == at::kFloat && qkv.is_contiguous(), "qkv: contiguous float32 [T, *]");
+  const int64_t T = qkv.size(0), H = num_heads, KVH = num_kv_heads, D = qkv.size(1) / (H + 2 * KVH), half = D / 2;
+  TORCH_CHECK(qkv.size(1) == (H + 2 * KVH) * D && D % 2 == 0, "qkv width must be (H + 2 KVH) * D");
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() && sin.is_contiguous() &&
+                  cos.numel() == T * half && sin.numel() == T * half,
+              "cos, sin: contiguous float32 [T, D/2]");
+  TORCH_CHECK(k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat && k_cache.is_contiguous() &&
+                  v_cache.is_contiguous() && k_cache.size(1) == KVH && k_cache.size(2) == D,
+              "caches: contiguous float32 [slots, KVH, D]");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.numel() == T, "slot_mapping: int64 [T]");
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  const int64_t num_slots = k_cache.size(0);
+  for (int64_t t = 0; t < T; ++t) TORCH_CHECK(slots[t] >= 0 && slots[t] < num_slots, "slot out of range");
+  at::Tensor q = at::empty({T, H, D}, qkv.options()), k = at::empty({T, KVH, D}, qkv.options()),
+             v = at::empty({T, KVH, D}, qkv.options());
+  const float *src = qkv.data_ptr<float>(), *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
+  const int64_t width = qkv.size(1);
+  at::parallel_for(0, T, 32, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* row = src + t * width;
+      const float* c = cp + t * half;
+      const float* sn = sp + t * half;
+      auto rotate = [&](const float* x, float* out) {
+        for (int64_t i = 0; i < half; ++i) {
+          out[i] = x[i] * c[i] - x[i + half] * sn[i];
+          out[i + half] = x[i + half] * c[i] + x[i] * sn[i];
+        }
+      };
+      for (int64_t h = 0; h < H; ++h) rotate(row + h * D, qp + (t * H + h) * D);
+      for (int64_t h = 0; h < KVH; ++h) rotate(row + (H + h) * D, kp + (t * KVH + h) * D);
+      std::copy(row + (H + KVH) * D, row + (H + 2 * KVH) * D, vp + t * KVH * D);
+      std::copy(kp + t * KVH * D, kp + (t + 1) * KVH * D, kc + slots[t] * KVH * D);
+      std::copy(vp + t * KVH * D, vp + (t + 1) * KVH * D, vc + slots[t] * KVH * D);
+    }
+  });
+  return {q, k, v};
+}
+
+// silu(gate) * up for the fused gate_up projection [T, 2I] -> [T, I].
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.scalar_type() == at::kFloat && gate_up.is_contiguous() && gate_up.size(1) % 2 == 0,
+              "gate_up: contiguous float32 [T, 2I]");
+  const int64_t T = gate_up.size(0), I = gate_up.size(1) / 2;
+  at::Tensor out = at::empty({T, I}, gate_up.options());
+  const float* src = gate_up.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* g = src + t * 2 * I;
+      const float* u = g + I;
+      float* o = op + t * I;
+      int64_t i = 0;
+#ifdef PHISERVE_AVX2
+      // sigmoid from exp(-|g|) <= 1: no overflow for any g
+      const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f);
+      for (; i + 8 <= I; i += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + i);
+        const __m256 e = exp_nonpositive(_mm256_or_ps(gv, sign));  // exp(-|g|)
+        const __m256 pos = _mm256_div_ps(one, _mm256_add_ps(one, e)), neg = _mm256_div_ps(e, _mm256_add_ps(one, e));
+        const __m256 sig = _mm256_blendv_ps(pos, neg, gv);  // sign bit of g picks neg
+        _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(gv, sig), _mm256_loadu_ps(u + i)));
+      }
+#endif
+      for (; i < I; ++i) {
+        const float e = std::exp(-std::fabs(g[i]));
+        const float sig = g[i] >= 0.f ? 1.f / (1.f + e) : e / (1.f + e);
+        o[i] = g[i] * sig * u[i];
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(phiserve, m) {
   m.def("int4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor mins) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
+  m.def("rope_and_cache(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, int num_heads, int num_kv_heads) -> Tensor[]");
+  m.def("silu_mul(Tensor gate_up) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("add_rms_norm_(Tensor(a!) x, Tensor residual, Tensor w, float eps) -> Tensor");
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, int block_size, float scale) -> Tensor");
@@ -360,6 +452,8 @@ TORCH_LIBRARY_IMPL(phiserve, CPU, m) {
   m.impl("int4_linear", &int4_linear);
   m.impl("paged_decode_attention", &paged_decode_attention);
   m.impl("int8_linear", &int8_linear);
+  m.impl("rope_and_cache", &rope_and_cache);
+  m.impl("silu_mul", &silu_mul);
   m.impl("rms_norm", &rms_norm);
   m.impl("add_rms_norm_", &add_rms_norm_);
 }
