@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from phiserve.api.usage import Prices, UsageLedger
 from phiserve.engine.async_engine import AsyncEngine
 from phiserve.engine.llm_engine import EngineConfig, LLMEngine
+from phiserve.models import cpu_kernels
 from phiserve.models.loader import load_model, resolve_model
 from phiserve.tokenizer.chat_template import ChatTemplate
 from phiserve.tokenizer.stops import fallback_chat_template, generation_config_eos_ids, stop_token_ids
@@ -57,11 +58,15 @@ def pick_precision(name: str, device: torch.device, is_gguf: bool) -> Precision:
         act = torch.float16 if name == "float16" else torch.float32 if name == "float32" else torch.bfloat16
         return Precision(act, None)
     if name == "auto":
-        # GGUF Q4_1 layers map exactly onto int4 (our kernel, fp32 activations): int4 for decodes, the
-        # dense fp32 copy for prefill GEMMs. Output head "rescored": a group-int8 copy ranks the
-        # vocabulary (exact for a Q8_0 embedding), the top 64 logits are recomputed in fp32. A plain
-        # fp32 head costs ~16 ms a step here, a bf16 one rounds logits to ~3 digits (docs/performance.md).
-        return Precision(torch.float32, "int4", "rescored", keep_dense=True) if is_gguf else Precision(torch.float32, None)
+        # GGUF Q4_1 layers map exactly onto int4. With our kernels (fp32 activations, near fp32 GEMM
+        # speed per row for prefill too) every row takes them and no dense copy is kept (-425 MiB on
+        # the embedded model); with torch's kernels a dense fp32 copy serves prefill rows ("hybrid").
+        # Output head "rescored": a fast copy ranks the vocabulary (our group-int8 kernel, exact for a
+        # Q8_0 embedding; else bf16), the top 64 logits are recomputed in fp32. A plain fp32 head costs
+        # ~16 ms a step here, a bf16 one rounds logits to ~3 digits (docs/performance.md).
+        if not is_gguf:
+            return Precision(torch.float32, None)
+        return Precision(torch.float32, "int4", "rescored", keep_dense=not cpu_kernels.available())
     if name in ("int8", "int4"):
         return Precision(torch.float32, name, "bfloat16")
     if name in ("float32", "bfloat16", "float16"):

@@ -8,6 +8,7 @@ import torch
 from phiserve.engine.llm_engine import EngineConfig, LLMEngine
 from phiserve.engine.sampling_params import SamplingParams
 from phiserve.host import pick_precision
+from phiserve.models import cpu_kernels
 from phiserve.models.config import ModelConfig
 from phiserve.models.decoder import Decoder
 from phiserve.models.loader import resolve_model
@@ -21,7 +22,9 @@ def test_precision_choices():
     with pytest.raises(ValueError):
         pick_precision("int4", cuda, is_gguf=True)
     cpu = pick_precision("auto", torch.device("cpu"), is_gguf=True)
-    assert (cpu.act_dtype, cpu.weight_format, cpu.lm_head_format, cpu.keep_dense) == (torch.float32, "int4", "rescored", True)
+    # our kernels take prefill rows too; with torch's kernels a dense copy serves them
+    assert (cpu.act_dtype, cpu.weight_format, cpu.lm_head_format) == (torch.float32, "int4", "rescored")
+    assert cpu.keep_dense is not cpu_kernels.available()
     assert pick_precision("auto", torch.device("cpu"), is_gguf=False).weight_format is None
     with pytest.raises(ValueError):
         pick_precision("fp8", torch.device("cpu"), is_gguf=True)

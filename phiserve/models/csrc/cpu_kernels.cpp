@@ -276,7 +276,10 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
       // The G query heads of this KV head go together, so each K and V row is read once.
       scores.resize(G * len);
       const float* qh = qp + (b * H + kvh * G) * D;
+      constexpr int64_t kAhead = 8;  // rows are scattered over blocks: prefetch ahead of use
       for (int64_t t = 0; t < len; ++t) {
+        if (t + kAhead < len)
+          for (int64_t off = 0; off < D; off += 16) __builtin_prefetch(kp + rows[t + kAhead] + off);
         const float* krow = kp + rows[t];
         for (int64_t g = 0; g < G; ++g) scores[g * len + t] = dot(qh + g * D, krow, D) * sc;
       }
@@ -303,6 +306,8 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t = 0; t < len; ++t) {
+        if (t + kAhead < len)
+          for (int64_t off = 0; off < D; off += 16) __builtin_prefetch(vp + rows[t + kAhead] + off);
         const float* vrow = vp + rows[t];
         for (int64_t g = 0; g < G; ++g) {
           const float p = scores[g * len + t];
