@@ -21,6 +21,7 @@ from phiserve.engine.sampling_params import SamplingParams
 from phiserve.engine.scheduler import ScheduledBatch, Scheduler
 from phiserve.engine.sequence import Sequence, SequenceStatus
 from phiserve.engine.stop_checker import StopChecker
+from phiserve.models.attention import kv_cache_dtype
 from phiserve.models.decoder import Decoder
 from phiserve.tokenizer.detokenizer import IncrementalDetokenizer
 from phiserve.tokenizer.tokenizer import Tokenizer
@@ -69,6 +70,7 @@ class LLMEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
+        kv_dtype = kv_cache_dtype(kv_dtype, device)
         per_token = kv_bytes_per_token(model, kv_dtype)
         num_blocks = max(1, config.kv_cache_bytes // (per_token * config.block_size))
         pool_tokens = num_blocks * config.block_size

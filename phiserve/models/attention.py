@@ -75,10 +75,18 @@ class AttentionMetadata:
         return cls(torch.tensor([position]), DecodeRows(0, table, torch.tensor([position + 1], dtype=torch.int32), 1))
 
 
+def kv_cache_dtype(act_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """float16 where our CPU kernels run attention (they convert on read, as llama.cpp's default f16
+    cache: half the memory and half the bytes read per decode step); otherwise the activation dtype."""
+    if device.type == "cpu" and act_dtype == torch.float32 and cpu_kernels.available():
+        return torch.float16
+    return act_dtype
+
+
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Store the new tokens' keys and values (torch path; our kernel path does it in rope_and_cache)."""
-    k_cache[slot_mapping] = k
-    v_cache[slot_mapping] = v
+    k_cache[slot_mapping] = k.to(k_cache.dtype)
+    v_cache[slot_mapping] = v.to(v_cache.dtype)
 
 
 def paged_attention(
@@ -99,7 +107,7 @@ def paged_attention(
         return _causal(q, k, v, scale)
     out = torch.empty_like(q)
     dec = meta.decodes
-    if dec is not None and cpu_kernels.usable(q, k_cache):
+    if dec is not None and cpu_kernels.usable(q) and k_cache.dtype in (torch.float32, torch.float16):
         out[dec.start :] = torch.ops.phiserve.paged_decode_attention(
             q[dec.start :].contiguous(), k_cache, v_cache, dec.block_tables, dec.context_lens, dec.block_size, scale
         )
@@ -107,8 +115,8 @@ def paged_attention(
         for rows, slots, mask in dec.width_groups:
             # Contiguous operands: on strided ones matmul picks batch-size-dependent kernels.
             qd = q[rows].unsqueeze(2).contiguous()  # [B, H, 1, D]
-            kd = k_cache[slots].transpose(1, 2).contiguous()  # [B, KVH, width, D]
-            vd = v_cache[slots].transpose(1, 2).contiguous()
+            kd = k_cache[slots].to(q.dtype).transpose(1, 2).contiguous()  # [B, KVH, width, D]
+            vd = v_cache[slots].to(q.dtype).transpose(1, 2).contiguous()
             out[rows] = _decode_attention(qd, kd, vd, mask, scale).squeeze(2)
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.length)
@@ -116,8 +124,8 @@ def paged_attention(
             out[rows] = _causal(q[rows], k[rows], v[rows], scale)
         else:
             qs = q[rows].transpose(0, 1).unsqueeze(0)
-            ks = k_cache[span.context_slots].transpose(0, 1).unsqueeze(0)
-            vs = v_cache[span.context_slots].transpose(0, 1).unsqueeze(0)
+            ks = k_cache[span.context_slots].to(q.dtype).transpose(0, 1).unsqueeze(0)
+            vs = v_cache[span.context_slots].to(q.dtype).transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=span.mask, scale=scale, enable_gqa=True)
             out[rows] = o.squeeze(0).transpose(0, 1)
     return out

@@ -49,19 +49,28 @@ inline __m256 exp_nonpositive(__m256 x) {
 }
 #endif
 
-inline float dot(const float* a, const float* b, int64_t n) {
+// The KV cache holds float32 or float16 (half the bytes: long-context decode is memory-bound).
+inline float to_float(float v) { return v; }
+inline float to_float(at::Half v) { return static_cast<float>(v); }
+#ifdef PHISERVE_AVX2
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+#endif
+
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t n) {
 #ifdef PHISERVE_AVX2
   if (n % 16 == 0) {
     __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
     for (int64_t i = 0; i < n; i += 16) {
-      s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-      s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+      s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), s0);
+      s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load8(b + i + 8), s1);
     }
     return hsum(_mm256_add_ps(s0, s1));
   }
 #endif
   float s = 0.f;
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  for (int64_t i = 0; i < n; ++i) s += a[i] * to_float(b[i]);
   return s;
 }
 
@@ -238,31 +247,10 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
 // Attention of single-token decode rows over their paged context (the new token's K/V already
 // written). q [B, H, D]; k_cache, v_cache [slots, KVH, D]; block_tables [B, max_blocks] int32;
 // context_lens [B] int32. Returns [B, H, D].
-at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                  const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t block_size,
-                                  double scale) {
-  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q: contiguous float32 [B, H, D]");
-  TORCH_CHECK(k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat && k_cache.is_contiguous() &&
-                  v_cache.is_contiguous(),
-              "caches: contiguous float32 [slots, KVH, D]");
-  TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.is_contiguous() &&
-                  context_lens.scalar_type() == at::kInt && context_lens.is_contiguous(),
-              "block_tables, context_lens: contiguous int32");
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = k_cache.size(1), MB = block_tables.size(1);
-  TORCH_CHECK(H % KVH == 0 && k_cache.size(2) == D && block_tables.size(0) == B && context_lens.size(0) == B,
-              "shapes do not match");
+template <typename CacheT>
+void decode_attention_impl(const float* qp, const CacheT* kp, const CacheT* vp, const int32_t* bt, const int32_t* lens,
+                           float* op, int64_t B, int64_t H, int64_t D, int64_t KVH, int64_t MB, int64_t block_size, float sc) {
   const int64_t G = H / KVH;
-  at::Tensor out = at::empty_like(q);
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k_cache.data_ptr<float>();
-  const float* vp = v_cache.data_ptr<float>();
-  const int32_t* bt = block_tables.data_ptr<int32_t>();
-  const int32_t* lens = context_lens.data_ptr<int32_t>();
-  float* op = out.data_ptr<float>();
-  const float sc = static_cast<float>(scale);
-  for (int64_t b = 0; b < B; ++b) {  // checked here: an exception must not leave the parallel region
-    TORCH_CHECK(lens[b] > 0 && lens[b] <= MB * block_size, "context length out of range");
-  }
   at::parallel_for(0, B * KVH, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> scores, acc(G * D);
     std::vector<int64_t> rows;  // offset of each context token's row in the caches
@@ -280,7 +268,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
       for (int64_t t = 0; t < len; ++t) {
         if (t + kAhead < len)
           for (int64_t off = 0; off < D; off += 16) __builtin_prefetch(kp + rows[t + kAhead] + off);
-        const float* krow = kp + rows[t];
+        const CacheT* krow = kp + rows[t];
         for (int64_t g = 0; g < G; ++g) scores[g * len + t] = dot(qh + g * D, krow, D) * sc;
       }
       for (int64_t g = 0; g < G; ++g) {
@@ -308,21 +296,48 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
       for (int64_t t = 0; t < len; ++t) {
         if (t + kAhead < len)
           for (int64_t off = 0; off < D; off += 16) __builtin_prefetch(vp + rows[t + kAhead] + off);
-        const float* vrow = vp + rows[t];
+        const CacheT* vrow = vp + rows[t];
         for (int64_t g = 0; g < G; ++g) {
           const float p = scores[g * len + t];
           float* a = acc.data() + g * D;
           int64_t i = 0;
 #ifdef PHISERVE_AVX2
           const __m256 pv = _mm256_set1_ps(p);
-          for (; i + 8 <= D; i += 8) _mm256_storeu_ps(a + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(vrow + i), _mm256_loadu_ps(a + i)));
+          for (; i + 8 <= D; i += 8) _mm256_storeu_ps(a + i, _mm256_fmadd_ps(pv, load8(vrow + i), _mm256_loadu_ps(a + i)));
 #endif
-          for (; i < D; ++i) a[i] += p * vrow[i];
+          for (; i < D; ++i) a[i] += p * to_float(vrow[i]);
         }
       }
       std::copy(acc.begin(), acc.end(), op + (b * H + kvh * G) * D);
     }
   });
+}
+
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t block_size,
+                                  double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q: contiguous float32 [B, H, D]");
+  TORCH_CHECK((k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kHalf) &&
+                  v_cache.scalar_type() == k_cache.scalar_type() && k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "caches: contiguous float32 or float16 [slots, KVH, D]");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.is_contiguous() &&
+                  context_lens.scalar_type() == at::kInt && context_lens.is_contiguous(),
+              "block_tables, context_lens: contiguous int32");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = k_cache.size(1), MB = block_tables.size(1);
+  TORCH_CHECK(H % KVH == 0 && k_cache.size(2) == D && block_tables.size(0) == B && context_lens.size(0) == B,
+              "shapes do not match");
+  const int32_t* lens = context_lens.data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b) {  // checked here: an exception must not leave the parallel region
+    TORCH_CHECK(lens[b] > 0 && lens[b] <= MB * block_size, "context length out of range");
+  }
+  at::Tensor out = at::empty_like(q);
+  const float* qp = q.data_ptr<float>();
+  const int32_t* bt = block_tables.data_ptr<int32_t>();
+  const float sc = static_cast<float>(scale);
+  if (k_cache.scalar_type() == at::kHalf)
+    decode_attention_impl(qp, k_cache.data_ptr<at::Half>(), v_cache.data_ptr<at::Half>(), bt, lens, out.data_ptr<float>(), B, H, D, KVH, MB, block_size, sc);
+  else
+    decode_attention_impl(qp, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), bt, lens, out.data_ptr<float>(), B, H, D, KVH, MB, block_size, sc);
   return out;
 }
 
@@ -372,9 +387,10 @@ std::vector<at::Tensor> rope_and_cache(const at::Tensor& qkv, const at::Tensor& 
   TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() && sin.is_contiguous() &&
                   cos.numel() == T * half && sin.numel() == T * half,
               "cos, sin: contiguous float32 [T, D/2]");
-  TORCH_CHECK(k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat && k_cache.is_contiguous() &&
-                  v_cache.is_contiguous() && k_cache.size(1) == KVH && k_cache.size(2) == D,
-              "caches: contiguous float32 [slots, KVH, D]");
+  TORCH_CHECK((k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kHalf) &&
+                  v_cache.scalar_type() == k_cache.scalar_type() && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  k_cache.size(1) == KVH && k_cache.size(2) == D,
+              "caches: contiguous float32 or float16 [slots, KVH, D]");
   TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.numel() == T, "slot_mapping: int64 [T]");
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
   const int64_t num_slots = k_cache.size(0);
@@ -383,7 +399,16 @@ std::vector<at::Tensor> rope_and_cache(const at::Tensor& qkv, const at::Tensor& 
              v = at::empty({T, KVH, D}, qkv.options());
   const float *src = qkv.data_ptr<float>(), *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
   float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
+  const bool half_cache = k_cache.scalar_type() == at::kHalf;
+  auto store = [&](const at::Tensor& cache, int64_t slot, const float* src) {
+    const int64_t n = KVH * D;
+    if (half_cache) {
+      at::Half* dst = cache.data_ptr<at::Half>() + slot * n;
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<at::Half>(src[i]);
+    } else {
+      std::copy(src, src + n, cache.data_ptr<float>() + slot * n);
+    }
+  };
   const int64_t width = qkv.size(1);
   at::parallel_for(0, T, 32, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
@@ -399,8 +424,8 @@ std::vector<at::Tensor> rope_and_cache(const at::Tensor& qkv, const at::Tensor& 
       for (int64_t h = 0; h < H; ++h) rotate(row + h * D, qp + (t * H + h) * D);
       for (int64_t h = 0; h < KVH; ++h) rotate(row + (H + h) * D, kp + (t * KVH + h) * D);
       std::copy(row + (H + KVH) * D, row + (H + 2 * KVH) * D, vp + t * KVH * D);
-      std::copy(kp + t * KVH * D, kp + (t + 1) * KVH * D, kc + slots[t] * KVH * D);
-      std::copy(vp + t * KVH * D, vp + (t + 1) * KVH * D, vc + slots[t] * KVH * D);
+      store(k_cache, slots[t], kp + t * KVH * D);
+      store(v_cache, slots[t], vp + t * KVH * D);
     }
   });
   return {q, k, v};
