@@ -83,7 +83,9 @@ class Linear(nn.Module):
         self.set_dense(torch.float32)
         approx = Linear(self.in_features, self.out_features)
         if self.weight.device.type == "cpu" and self.out_features % 8 == 0 and self.in_features % 32 == 0 and cpu_kernels.available():
-            approx.packed, approx.scales = quant.pack_q8(*quant.quantize_q8(self.weight.detach()))
+            # in row chunks: the int64 packing temporaries of a whole vocabulary would be ~0.5 GB
+            chunks = [quant.pack_q8(*quant.quantize_q8(rows)) for rows in self.weight.detach().split(4096)]
+            approx.packed, approx.scales = torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
             approx.packed_format, approx.has_dense = "q8", False
             approx.weight = nn.Parameter(torch.empty(0), requires_grad=False)
         else:
@@ -115,14 +117,15 @@ class Linear(nn.Module):
             self.weight = nn.Parameter(torch.empty(0), requires_grad=False)
 
 
-def convert_linears(
-    model: nn.Module,
+def convert_linear(
+    name: str,
+    module: Linear,
     fmt: str,
     q4_1_blocks: dict[str, tuple[object, tuple[int, int]]] | None = None,
     lm_head_format: str | None = None,
     keep_dense: bool = False,
 ) -> None:
-    """Put every Linear of ``model`` in format ``fmt`` (``lm_head`` in ``lm_head_format`` if given).
+    """Put one Linear (``name`` in the model) in format ``fmt`` (``lm_head`` in ``lm_head_format`` if given).
 
     For int4, layers whose checkpoint tensor was GGUF Q4_1 (``q4_1_blocks``: parameter name -> raw
     blocks and shape) are converted exactly; other layers are quantized from their float weights.
@@ -130,17 +133,14 @@ def convert_linears(
     """
     if fmt not in WEIGHT_FORMATS:
         raise ValueError(f"unknown weight format {fmt!r}; choose from {', '.join(WEIGHT_FORMATS)}")
-    for name, module in list(model.named_modules()):  # a list: the rescored head adds a submodule
-        if not isinstance(module, Linear):
-            continue
-        target = lm_head_format if (name == "lm_head" and lm_head_format) else fmt
-        if target == "rescored":
-            module.set_rescored()
-        elif target in ("float32", "bfloat16", "float16"):
-            module.set_dense(getattr(torch, target))
-        elif target == "int8":
-            module.set_int8(keep_dense)
-        else:
-            raw = (q4_1_blocks or {}).get(f"{name}.weight")
-            q, scale, min_ = quant.q4_1_to_int4(*raw) if raw is not None else quant.quantize_int4(module.weight.detach())
-            module.set_int4(q, scale, min_, keep_dense)
+    target = lm_head_format if (name == "lm_head" and lm_head_format) else fmt
+    if target == "rescored":
+        module.set_rescored()
+    elif target in ("float32", "bfloat16", "float16"):
+        module.set_dense(getattr(torch, target))
+    elif target == "int8":
+        module.set_int8(keep_dense)
+    else:
+        raw = (q4_1_blocks or {}).get(f"{name}.weight")
+        q, scale, min_ = quant.q4_1_to_int4(*raw) if raw is not None else quant.quantize_int4(module.weight.detach())
+        module.set_int4(q, scale, min_, keep_dense)

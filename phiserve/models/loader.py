@@ -22,7 +22,7 @@ from phiserve.models.gguf_loader import (
     iter_gguf_weights,
     open_gguf,
 )
-from phiserve.models.linear import convert_linears
+from phiserve.models.linear import Linear, convert_linear
 from phiserve.models.safetensors_loader import iter_safetensors_weights, read_hf_config
 
 T = TypeVar("T")
@@ -134,8 +134,11 @@ def load_weights(
     named_tensors: Iterable[tuple[str, torch.Tensor]],
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    on_loaded: Callable[[str, nn.Module], None] | None = None,
 ) -> Decoder:
     """Install checkpoint tensors as the Decoder's parameters (built on the meta device or not).
+    ``on_loaded(name, module)`` runs after each one (the loader re-encodes a layer there, so at most
+    one layer's dense weight is alive beside the packed ones).
 
     Each tensor becomes the parameter itself (no second copy; tied tensors stay shared), after checking
     that every parameter gets exactly one tensor of its shape. Rope frequencies are rebuilt on ``device``
@@ -158,6 +161,8 @@ def load_weights(
         module, attr = _owner(decoder, name)
         setattr(module, attr, nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
         loaded.add(name)
+        if on_loaded is not None:
+            on_loaded(name, module)
     missing = [n for n in params if n not in loaded]
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
@@ -194,10 +199,15 @@ def load_model(
         tensors = iter_safetensors_weights(resolved.path, cfg, dtype, device)
     with torch.device("meta"):  # no allocation or random init: the checkpoint provides every tensor
         decoder = Decoder(cfg)
-    load_weights(decoder, tensors, dtype, device)
+    convert = None
     if weight_format is not None:
         q4_1 = _q4_1_blocks(reader, cfg) if resolved.kind == "gguf" and weight_format == "int4" else None
-        convert_linears(decoder, weight_format, q4_1, lm_head_format, keep_dense)
+
+        def convert(name: str, module: nn.Module) -> None:  # each Linear as soon as its weight is in
+            if isinstance(module, Linear) and name.endswith(".weight"):
+                convert_linear(name.removesuffix(".weight"), module, weight_format, q4_1, lm_head_format, keep_dense)
+
+    load_weights(decoder, tensors, dtype, device, on_loaded=convert)
     return cfg, decoder, resolved
 
 
