@@ -74,7 +74,7 @@ WORDS = (
 
 # What each metric's ratio means: higher-is-better metrics ratio = ours / baseline, lower-is-better = baseline / ours.
 HIGHER_BETTER = {"output_tok_s"}
-LOWER_BETTER = {"ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "peak_rss_mib", "startup_s"}
+LOWER_BETTER = {"ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "peak_rss_mib", "startup_s", "ttft_first_ms", "cached_ttft_pct"}
 
 _live: list[subprocess.Popen] = []  # servers to kill on any exit
 
@@ -180,6 +180,20 @@ def build_workloads(pm: PromptMaker, quick: bool, selected: set[str]) -> list[Wo
                 out_tokens,
                 4,
                 3000,
+            )
+        )
+    if "W3" in selected:
+        # The issue's prefix-cache target: one request cold, then the same 1,000-token prefix again
+        # (a different 32-token tail), one at a time, so TTFT is the prefill alone, no queueing.
+        prefix = pm.text(3500, 1000)
+        wl.append(
+            Workload(
+                "W3-pair",
+                f"a new 1000-token prefix (+32 own) cold, then cached, sequential, {out_tokens} out",
+                [prefix + " " + pm.text(3600 + i, 32) for i in range(2)],
+                out_tokens,
+                1,
+                3500,
             )
         )
     if "W4" in selected:
@@ -450,12 +464,24 @@ async def run_workload(base: str, model_name: str, wl: Workload, temperature: fl
         "output_tok_s": sum(r.tokens for r in good) / wall if wall > 0 else None,
         "ttft_p50_ms": _ms(pct(ttfts, 50)),
         "ttft_p99_ms": _ms(pct(ttfts, 99)),
+        # first request vs the rest: for W3-pair, a cold prefix vs the same prefix cached
+        "ttft_first_ms": _ms(results[0].ttft) if results[0] is not None and results[0].ok else None,
+        "cached_ttft_pct": _cached_pct(results),
         "tpot_p50_ms": _ms(pct(tpots, 50)),
         "tpot_p99_ms": _ms(pct(tpots, 99)),
         "token_sources": sorted({r.token_source for r in good}),
         "errors": sorted({r.error for r in done if r.error})[:5],
         "per_request": [asdict(r) for r in done],
     }
+
+
+def _cached_pct(results: list[RequestResult | None]) -> float | None:
+    """TTFT of the later requests (median) as a percentage of the first one's."""
+    first = results[0]
+    rest = [r.ttft for r in results[1:] if r is not None and r.ok and r.ttft is not None]
+    if first is None or not first.ok or not first.ttft or not rest:
+        return None
+    return 100.0 * statistics.median(rest) / first.ttft
 
 
 # ---------------------------------------------------------------- one run = one server life
@@ -608,6 +634,9 @@ def summarize(runs: list[Run], workloads: list[Workload]) -> list[dict]:
         for m in metrics:
             add(wl.name, m, lambda r, w=wl.name, m=m: r.workloads.get(w, {}).get(m))
         add(wl.name, "peak_rss_mib", lambda r, w=wl.name: r.workloads.get(w, {}).get("peak_rss_mib"))
+        if wl.name == "W3-pair":
+            for m in ("ttft_first_ms", "cached_ttft_pct"):
+                add(wl.name, m, lambda r, w=wl.name, m=m: r.workloads.get(w, {}).get(m))
     add("server", "startup_s", lambda r: r.startup_s)
     add("server", "peak_rss_mib", lambda r: r.peak_rss_mib)
     add("server", "failed_runs", lambda r: 1 if r.error else 0)
