@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from functools import cache
 from pathlib import Path
 
@@ -25,6 +26,11 @@ def available() -> bool:
         return False
     try:
         from torch.utils import cpp_extension
+
+        if shutil.which("ninja") is None:  # torch runs `ninja` from PATH; the pip package ships one
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
         cpp_extension.load(
             name="phiserve_cpu_kernels",
