@@ -107,7 +107,7 @@ def paged_attention(
         return _causal(q, k, v, scale)
     out = torch.empty_like(q)
     dec = meta.decodes
-    if dec is not None and cpu_kernels.usable(q) and k_cache.dtype in (torch.float32, torch.float16):
+    if dec is not None and cpu_kernels.usable(q, kv_cache=k_cache):
         out[dec.start :] = torch.ops.phiserve.paged_decode_attention(
             q[dec.start :].contiguous(), k_cache, v_cache, dec.block_tables, dec.context_lens, dec.block_size, scale
         )

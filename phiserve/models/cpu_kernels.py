@@ -47,8 +47,11 @@ def available() -> bool:
     return hasattr(torch.ops.phiserve, "int4_linear")
 
 
-def usable(*tensors: torch.Tensor) -> bool:
-    """Whether our kernels take these tensors: all float32 on the CPU, and the kernels built."""
+def usable(*tensors: torch.Tensor, kv_cache: torch.Tensor | None = None) -> bool:
+    """Whether our kernels take these tensors: all float32 on the CPU (a KV cache float32 or float16),
+    and the kernels built."""
+    if kv_cache is not None and kv_cache.dtype not in (torch.float32, torch.float16):
+        return False
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and available()
 
 

@@ -100,7 +100,7 @@ class Attention(nn.Module):
         T = x.shape[0]
         qkv = self.qkv_proj(x, dense_rows)
         k_cache, v_cache = kv_cache if kv_cache is not None else (None, None)
-        if k_cache is not None and meta is not None and cpu_kernels.usable(qkv, cos) and k_cache.dtype in (torch.float32, torch.float16):
+        if k_cache is not None and meta is not None and cpu_kernels.usable(qkv, cos, kv_cache=k_cache):
             # one op: rotate q and k, split out v, write k and v into the paged cache
             q, k, v = torch.ops.phiserve.rope_and_cache(
                 qkv, cos.view(T, -1), sin.view(T, -1), k_cache, v_cache, meta.slot_mapping, self.num_heads, self.num_kv_heads

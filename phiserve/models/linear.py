@@ -25,7 +25,7 @@ class Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
-        self.packed_format: str | None = None  # "int4" | "int8" when a packed copy exists
+        self.packed_format: str | None = None  # "int4" | "int8" | "q8" (group int8, our kernel) when packed
         self.packed: torch.Tensor | None = None
         self.scales: torch.Tensor | None = None
         self.mins: torch.Tensor | None = None  # set when the int4 copy is in our kernel's layout
@@ -82,14 +82,11 @@ class Linear(nn.Module):
         """Output head: fp32 weight kept (tied models share it with the embedding) plus a ranking copy."""
         self.set_dense(torch.float32)
         approx = Linear(self.in_features, self.out_features)
+        approx.weight = nn.Parameter(self.weight.detach(), requires_grad=False)
         if self.weight.device.type == "cpu" and self.out_features % 8 == 0 and self.in_features % 32 == 0 and cpu_kernels.available():
-            # in row chunks: the int64 packing temporaries of a whole vocabulary would be ~0.5 GB
-            chunks = [quant.pack_q8(*quant.quantize_q8(rows)) for rows in self.weight.detach().split(4096)]
-            approx.packed, approx.scales = torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
-            approx.packed_format, approx.has_dense = "q8", False
-            approx.weight = nn.Parameter(torch.empty(0), requires_grad=False)
+            approx.set_q8()
         else:
-            approx.weight = nn.Parameter(self.weight.detach().to(torch.bfloat16), requires_grad=False)
+            approx.set_dense(torch.bfloat16)
         self.approx = approx
         self.rescore_top = min(top, self.out_features)
 
@@ -104,6 +101,14 @@ class Linear(nn.Module):
             self.packed, self.scales = quant.pack_int4(q, scale, min_, act_dtype)
         self.packed_format = "int4"
         self._keep_dense(keep_dense)
+
+    def set_q8(self) -> None:
+        """Replace the weight by a group-32 int8 copy for our int8 kernel (exact for GGUF Q8_0 values)."""
+        # in row chunks: the int64 packing temporaries of a whole vocabulary would be ~0.5 GB
+        chunks = [quant.pack_q8(*quant.quantize_q8(rows)) for rows in self.weight.detach().split(4096)]
+        self.packed, self.scales = torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+        self.packed_format = "q8"
+        self._keep_dense(False)
 
     def set_int8(self, keep_dense: bool, act_dtype: torch.dtype = torch.bfloat16) -> None:
         q, scale = quant.quantize_int8(self.weight.detach())

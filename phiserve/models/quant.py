@@ -1,9 +1,9 @@
 """Weight-only quantized formats for CPU matmuls, and exact conversion from GGUF Q4_1 blocks.
 
 int4 weights are held as ``w = q * scale + min`` per group of 32 input columns (q in 0..15), which is
-exactly a Q4_1 block (``d``, ``m``). Two packings: ours (``pack_q4``: Q4_1's nibble order, fp32 scale
-and min, for ``torch.ops.phiserve.int4_linear``) and torch's (``pack_int4``: its CPU int4 layout, which
-computes ``(q - 8) * scale + zero``, so ``zero = min + 8 * scale``).
+exactly a Q4_1 block (``d``, ``m``). Two packings: ours (``pack_q4``: eight output features per vector
+lane, fp16 scale and min, for ``torch.ops.phiserve.int4_linear``) and torch's (``pack_int4``: its CPU
+int4 layout, which computes ``(q - 8) * scale + zero``, so ``zero = min + 8 * scale``).
 """
 
 from __future__ import annotations
@@ -39,20 +39,27 @@ def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return q, scale, lo
 
 
-def pack_q4(q: torch.Tensor, scale: torch.Tensor, min_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Our kernel's layout (see csrc/cpu_kernels.cpp), N a multiple of 8:
-    qweight int32 [N/8, K/8, 8] (lane l: feature 8*nb + l, nibble j: k = 8*kb + j), scales and mins
-    fp16 [N/8, K/32, 8] (exact for Q4_1, whose d and m are fp16)."""
+def _lane_words(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """[N, K] values -> int32 [N/8, K*bits/32, 8]: lane l holds feature 8*nb + l, value j of a word
+    is k = word*(32/bits) + j at bits j*bits (see csrc/cpu_kernels.cpp)."""
     n, k = q.shape
-    nib = q.to(torch.int64).reshape(n // 8, 8, k // 8, 8)  # [nb, lane, kb, j]
-    words = (nib << (4 * torch.arange(8))).sum(-1)  # [nb, lane, kb], values < 2**32
+    per_word = 32 // bits
+    v = (q.to(torch.int64) & ((1 << bits) - 1)).reshape(n // 8, 8, k // per_word, per_word)  # [nb, lane, word, j]
+    words = (v << (bits * torch.arange(per_word))).sum(-1)  # < 2**32
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-    qweight = words.transpose(1, 2).contiguous()  # [nb, kb, lane]
+    return words.transpose(1, 2).contiguous()
 
-    def lanes(t: torch.Tensor) -> torch.Tensor:
-        return t.to(torch.float16).reshape(n // 8, 8, k // INT4_GROUP).transpose(1, 2).contiguous()
 
-    return qweight, lanes(scale), lanes(min_)
+def _lane_scales(t: torch.Tensor) -> torch.Tensor:
+    """Per-group [N, K/32] -> fp16 [N/8, K/32, 8], the lanes of _lane_words."""
+    n, groups = t.shape
+    return t.to(torch.float16).reshape(n // 8, 8, groups).transpose(1, 2).contiguous()
+
+
+def pack_q4(q: torch.Tensor, scale: torch.Tensor, min_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Our int4 kernel's layout, N a multiple of 8: (qweight int32 [N/8, K/8, 8], scales and mins fp16
+    [N/8, K/32, 8]; exact for Q4_1, whose d and m are fp16)."""
+    return _lane_words(q, 4), _lane_scales(scale), _lane_scales(min_)
 
 
 def pack_int4(q: torch.Tensor, scale: torch.Tensor, min_: torch.Tensor, act_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,11 +87,5 @@ def quantize_q8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def pack_q8(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Our int8 kernel's layout, N a multiple of 8: qweight int32 [N/8, K/4, 8] (lane l: feature 8*nb + l,
-    byte j: k = 4*kb + j), scales fp16 [N/8, K/32, 8]."""
-    n, k = q.shape
-    b = q.to(torch.int64).reshape(n // 8, 8, k // 4, 4) & 0xFF  # [nb, lane, kb, j] as unsigned bytes
-    words = (b << (8 * torch.arange(4))).sum(-1)
-    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-    scales = scale.to(torch.float16).reshape(n // 8, 8, k // INT4_GROUP).transpose(1, 2).contiguous()
-    return words.transpose(1, 2).contiguous(), scales
+    """Our int8 kernel's layout, N a multiple of 8: (qweight int32 [N/8, K/4, 8], scales fp16 [N/8, K/32, 8])."""
+    return _lane_words(q, 8), _lane_scales(scale)

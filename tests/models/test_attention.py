@@ -18,7 +18,7 @@ def decode_path(request, monkeypatch):
     if request.param.startswith("kernel") and not cpu_kernels.available():
         pytest.skip("CPU kernels unavailable here")
     if request.param == "torch":
-        monkeypatch.setattr(attention.cpu_kernels, "usable", lambda *tensors: False)
+        monkeypatch.setattr(attention.cpu_kernels, "usable", lambda *tensors, **kwargs: False)
     return torch.float16 if request.param == "kernel-float16" else torch.float32
 
 
