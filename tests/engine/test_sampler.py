@@ -204,6 +204,43 @@ def test_filtered_tokens_are_never_sampled() -> None:
             assert allowed[i, t]
 
 
+def _whole_row_draws(params: list[SamplingParams], logits: torch.Tensor) -> list[int]:
+    """Reference: filter whole rows (process_logits), draw by inverse CDF in token-id order with
+    each row's first uniform from a generator seeded like the sampler's."""
+    ref = Sampler(logits.shape[1], len(params))
+    for i, p in enumerate(params):
+        ref.add(i, p, [])
+    probs = torch.softmax(ref.process_logits(logits, list(range(len(params)))).double(), dim=-1)
+    tokens = []
+    for p, row in zip(params, probs, strict=True):
+        u = torch.rand((), generator=torch.Generator().manual_seed(p.seed)).item()
+        cdf = row.cumsum(0)
+        tokens.append(int(torch.searchsorted(cdf, u * cdf[-1], right=True)))
+    return tokens
+
+
+@pytest.mark.parametrize("shape", ["peaked", "flat", "very_flat", "ties"])
+def test_candidate_draws_equal_whole_row_draws(shape: str) -> None:
+    # sample() draws top-k / top-p rows within slices of 64 or 1,024 candidates and falls back to
+    # the whole row when survivors may reach past them: same tokens as filtering whole rows.
+    v, b = 4096, 24
+    gen = torch.Generator().manual_seed(11)
+    scale = {"peaked": 4.0, "flat": 0.3, "very_flat": 0.02, "ties": 1.0}[shape]
+    logits = torch.randn(b, v, generator=gen) * scale
+    if shape == "ties":  # 300 tokens tied at the top: every top-k below 300 keeps all of them
+        logits[:, :300] = logits.max() + 1
+    settings = [
+        dict(top_k=40), dict(top_k=63), dict(top_k=64), dict(top_k=600), dict(top_p=0.9), dict(top_p=0.5),
+        dict(top_k=40, top_p=0.95, min_p=0.05, temperature=0.8), dict(top_k=3000, top_p=0.99), dict(top_p=0.999, min_p=0.2),
+    ]
+    params = [SamplingParams(seed=1000 + i, **settings[i % len(settings)]) for i in range(b)]
+    sampler = Sampler(v, b)
+    for i, p in enumerate(params):
+        sampler.add(i, p, [])
+    got = sampler.sample(logits, list(range(b))).token_ids
+    assert got == _whole_row_draws(params, logits)
+
+
 # ---- determinism ------------------------------------------------------------------------------------
 TARGETS = [
     SamplingParams(temperature=0.9, seed=42),  # no filters: fast paths alone, full paths in the batch
