@@ -79,10 +79,24 @@ def open_gguf(path: str | os.PathLike[str]) -> GGUFReader:
     return _open_cached(str(p), st.st_mtime_ns, st.st_size)
 
 
+class _PlainArrayReader(GGUFReader):
+    """GGUFReader over a plain ndarray view of its memory map: the reader slices the file once per
+    metadata value (~250k times for a 49k-token vocabulary), and every np.memmap slice runs memmap's
+    Python bookkeeping; plain slices of the same mapping parse the embedded model in 1.5 s, not 3.8 s."""
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._plain
+
+    @data.setter
+    def data(self, value: np.ndarray) -> None:
+        self._plain = value.view(np.ndarray)  # same pages; the view keeps the mapping alive
+
+
 @functools.lru_cache(maxsize=2)
 def _open_cached(path: str, mtime_ns: int, size: int) -> GGUFReader:
     del mtime_ns, size  # only part of the cache key
-    return GGUFReader(path, "r")
+    return _PlainArrayReader(path, "r")
 
 
 def _reader(source: GGUFReader | str | os.PathLike[str]) -> GGUFReader:

@@ -197,8 +197,7 @@ def load_model(
     else:
         cfg = read_hf_config(resolved.path)
         tensors = iter_safetensors_weights(resolved.path, cfg, dtype, device)
-    with torch.device("meta"):  # no allocation or random init: the checkpoint provides every tensor
-        decoder = Decoder(cfg)
+    decoder = Decoder(cfg)  # uninitialised: the checkpoint provides every tensor
     convert = None
     if weight_format is not None:
         q4_1 = _q4_1_blocks(reader, cfg) if resolved.kind == "gguf" and weight_format == "int4" else None
