@@ -106,7 +106,7 @@ def main() -> None:
         tokens, tps1 = greedy(model, tok, 1)
         _, tps8 = greedy(model, tok, 8)
         agree = sum(next((j for j, (a, b) in enumerate(zip(x, y, strict=True)) if a != b), 32) for x, y in zip(ref_tokens, tokens, strict=True))
-        print(f"| {name} | {size / 2**20:.0f} | {kl:.5f} | {top1:.1%} | {agree}/160 | {tps1:.1f} | {tps8:.1f} |", flush=True)
+        print(f"| {name} | {size / 2**20:.0f} | {kl:.2g} | {top1:.1%} | {agree}/160 | {tps1:.1f} | {tps8:.1f} |", flush=True)
         del model
         gc.collect()
     print(f"(peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB; {len(ids)} tokens of text)")

@@ -1,8 +1,8 @@
 """Weight-only quantized formats for CPU matmuls, and exact conversion from GGUF Q4_1 blocks.
 
 int4 weights are held as ``w = q * scale + min`` per group of 32 input columns (q in 0..15), which is
-exactly a Q4_1 block (``d``, ``m``). Two packings: ours (``pack_q4``: eight output features per vector
-lane, fp16 scale and min, for ``torch.ops.phiserve.int4_linear``) and torch's (``pack_int4``: its CPU
+exactly a Q4_1 block (``d``, ``m``). Two packings: ours (``pack_q4``: eight output features side by
+side in a vector, fp16 scale and min, for ``torch.ops.phiserve.int4_linear``) and torch's (``pack_int4``: its CPU
 int4 layout, which computes ``(q - 8) * scale + zero``, so ``zero = min + 8 * scale``).
 """
 
@@ -39,19 +39,28 @@ def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return q, scale, lo
 
 
-def _lane_words(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """[N, K] values -> int32 [N/8, K*bits/32, 8]: lane l holds feature 8*nb + l, value j of a word
-    is k = word*(32/bits) + j at bits j*bits (see csrc/cpu_kernels.cpp)."""
+def _pack_q4_words(q: torch.Tensor) -> torch.Tensor:
+    """[N, K] values 0..15 -> int32 [N/8, K/8, 8] (see csrc/cpu_kernels.cpp): per block of 8 features
+    and group of 32, four vectors of 16 int16 lanes; lane 2l + h of vector v holds, at bits 4j,
+    feature l's value at k = 2(4v + j) + h of the group."""
     n, k = q.shape
-    per_word = 32 // bits
-    v = (q.to(torch.int64) & ((1 << bits) - 1)).reshape(n // 8, 8, k // per_word, per_word)  # [nb, lane, word, j]
-    words = (v << (bits * torch.arange(per_word))).sum(-1)  # < 2**32
+    v = q.to(torch.int64).reshape(n // 8, 8, k // 32, 4, 4, 2)  # [nb, l, g, v, j, h]
+    shifts = 4 * torch.arange(4)[:, None] + 16 * torch.arange(2)[None, :]
+    words = (v << shifts).sum((-1, -2))  # [nb, l, g, v], < 2**32
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-    return words.transpose(1, 2).contiguous()
+    return words.permute(0, 2, 3, 1).reshape(n // 8, k // 8, 8).contiguous()
+
+
+def _pack_q8_bytes(q: torch.Tensor) -> torch.Tensor:
+    """[N, K] int8 -> int32 [N/8, K/4, 8]: per block of 8 features and group of 32, sixteen 16-byte
+    chunks; byte 2l + h of chunk p is feature l's value at k = 2p + h of the group."""
+    n, k = q.shape
+    b = q.to(torch.int8).reshape(n // 8, 8, k // 32, 16, 2).permute(0, 2, 3, 1, 4)  # [nb, g, p, l, h]
+    return b.reshape(n // 8, -1).contiguous().view(torch.int32).reshape(n // 8, k // 4, 8)
 
 
 def _lane_scales(t: torch.Tensor) -> torch.Tensor:
-    """Per-group [N, K/32] -> fp16 [N/8, K/32, 8], the lanes of _lane_words."""
+    """Per-group [N, K/32] -> fp16 [N/8, K/32, 8]: eight features' values side by side."""
     n, groups = t.shape
     return t.to(torch.float16).reshape(n // 8, 8, groups).transpose(1, 2).contiguous()
 
@@ -59,7 +68,7 @@ def _lane_scales(t: torch.Tensor) -> torch.Tensor:
 def pack_q4(q: torch.Tensor, scale: torch.Tensor, min_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Our int4 kernel's layout, N a multiple of 8: (qweight int32 [N/8, K/8, 8], scales and mins fp16
     [N/8, K/32, 8]; exact for Q4_1, whose d and m are fp16)."""
-    return _lane_words(q, 4), _lane_scales(scale), _lane_scales(min_)
+    return _pack_q4_words(q), _lane_scales(scale), _lane_scales(min_)
 
 
 def pack_int4(q: torch.Tensor, scale: torch.Tensor, min_: torch.Tensor, act_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,4 +97,4 @@ def quantize_q8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def pack_q8(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Our int8 kernel's layout, N a multiple of 8: (qweight int32 [N/8, K/4, 8], scales fp16 [N/8, K/32, 8])."""
-    return _lane_words(q, 8), _lane_scales(scale)
+    return _pack_q8_bytes(q), _lane_scales(scale)

@@ -28,14 +28,37 @@ def _dense(q: torch.Tensor, scale: torch.Tensor, min_: torch.Tensor) -> torch.Te
     return q.double() * scale.double().repeat_interleave(32, 1) + min_.double().repeat_interleave(32, 1)
 
 
+def _int16_rows(x: torch.Tensor) -> torch.Tensor:
+    """x as the weight kernels see it: per row and group of 32, rounded (half to even) to int16 steps
+    of max|x| / 32767, in float64."""
+    m, k = x.shape
+    g = x.reshape(m, k // 32, 32)
+    amax = g.abs().amax(-1, keepdim=True)
+    step = amax / 32767
+    inv = torch.where(amax > 0, 32767 / amax, torch.zeros_like(amax))  # float32 math, as the kernel
+    return (torch.round(g * inv).double() * step.double()).reshape(m, k)
+
+
+def _kernel_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, min_: torch.Tensor | None) -> torch.Tensor:
+    """What int4/int8_linear compute: scale * sum(q * x16) on the rounded x, plus min * sum(x) on the exact x."""
+    m, k = x.shape
+    out = _int16_rows(x) @ (q.double() * scale.double().repeat_interleave(32, 1)).t()
+    if min_ is not None:
+        out += x.double().reshape(m, k // 32, 32).sum(-1) @ min_.double().t()
+    return out
+
+
 @needs_kernels
 @pytest.mark.parametrize("n", [8, 16, 24, 136])
 def test_int4_linear_equals_the_dequantized_product(n):
     q, scale, min_ = _weights(n, 96)
     x = torch.randn(7, 96)
+    x[3, 32:64] = 0  # an all-zero group
     out = torch.ops.phiserve.int4_linear(x, *quant.pack_q4(q, scale, min_))
+    torch.testing.assert_close(out.double(), _kernel_reference(x, q, scale, min_), rtol=1e-6, atol=1e-6)
+    # against the float product: int16 activations cost ~1e-4 of the largest output at most
     ref = x.double() @ _dense(q, scale, min_).t()
-    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)  # fp32 activations: no quantization error
+    assert (out.double() - ref).abs().max() <= 1e-4 * ref.abs().max()
 
 
 @needs_kernels
@@ -78,7 +101,9 @@ def test_int8_linear_equals_the_dequantized_product_and_q8_0_round_trips():
     packed = quant.pack_q8(q, scale)
     x = torch.randn(9, 64, generator=g)
     out = torch.ops.phiserve.int8_linear(x, *packed)
-    torch.testing.assert_close(out.double(), x.double() @ dense.t(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.double(), _kernel_reference(x, q, scale, None), rtol=1e-6, atol=1e-6)
+    ref = x.double() @ dense.t()
+    assert (out.double() - ref).abs().max() <= 1e-4 * ref.abs().max()
     for i in range(9):  # row tiles of 4, 2, 1 give each row the same bits
         assert torch.equal(torch.ops.phiserve.int8_linear(x[i : i + 1].contiguous(), *packed)[0], out[i])
 
