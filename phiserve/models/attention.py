@@ -105,8 +105,11 @@ def paged_attention(
     """
     if meta is None or k_cache is None:
         return _causal(q, k, v, scale)
-    out = torch.empty_like(q)
     dec = meta.decodes
+    if dec is not None and dec.start == 0 and not meta.prefills and cpu_kernels.usable(q, kv_cache=k_cache):
+        # a decode-only step (most steps): the kernel's output is the whole result, no copy
+        return torch.ops.phiserve.paged_decode_attention(q.contiguous(), k_cache, v_cache, dec.block_tables, dec.context_lens, dec.block_size, scale)
+    out = torch.empty_like(q)
     if dec is not None and cpu_kernels.usable(q, kv_cache=k_cache):
         out[dec.start :] = torch.ops.phiserve.paged_decode_attention(
             q[dec.start :].contiguous(), k_cache, v_cache, dec.block_tables, dec.context_lens, dec.block_size, scale

@@ -52,7 +52,7 @@ def usable(*tensors: torch.Tensor, kv_cache: torch.Tensor | None = None) -> bool
     and the kernels built."""
     if kv_cache is not None and kv_cache.dtype not in (torch.float32, torch.float16):
         return False
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and available()
+    return all(t.is_cpu and t.dtype == torch.float32 for t in tensors) and available()
 
 
 if __name__ == "__main__":
