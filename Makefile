@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 STAMP := $(VENV)/.installed
 
-.PHONY: run test venv lint bench bench-install clean
+.PHONY: run test venv lint bench bench-install bench-server bench-llama-server clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -47,6 +47,26 @@ bench-install: $(BENCH_STAMP)
 
 bench: $(STAMP) $(BENCH_STAMP)
 	$(PY) bench/serve.py $(BENCH_ARGS) --baseline-python $(BENCH_VENV)/bin/python
+
+# The batching baseline the issue's targets name: llama.cpp's C++ llama-server, built from the same
+# llama-cpp-python source package (its vendored llama.cpp), ~15 min on 2 cores, into bench/llama.cpp.
+LLAMA_SERVER := bench/llama.cpp/build/bin/llama-server
+LLAMA_SERVER_ARGS ?= -np 16 -c 32768 -t 2 -tb 2
+$(LLAMA_SERVER): $(BENCH_STAMP)
+	rm -rf bench/llama.cpp bench/.sdist && mkdir -p bench/.sdist
+	$(BENCH_VENV)/bin/pip download -q --no-binary :all: --no-deps -d bench/.sdist \
+		"llama-cpp-python==$$($(BENCH_VENV)/bin/python -c 'import llama_cpp; print(llama_cpp.__version__)')"
+	tar xzf bench/.sdist/llama_cpp_python-*.tar.gz -C bench/.sdist
+	mv bench/.sdist/llama_cpp_python-*/vendor/llama.cpp bench/llama.cpp && rm -rf bench/.sdist
+	cmake -S bench/llama.cpp -B bench/llama.cpp/build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+		-DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF
+	cmake --build bench/llama.cpp/build --target llama-server llama-bench -j$$(nproc)
+
+bench-llama-server: $(LLAMA_SERVER)
+
+bench-server: $(STAMP) $(LLAMA_SERVER)
+	$(PY) bench/serve.py $(BENCH_ARGS) --baseline-cmd \
+		'$(LLAMA_SERVER) -m {model} --host 127.0.0.1 --port {port} $(LLAMA_SERVER_ARGS)'
 
 clean:
 	rm -rf $(VENV) build *.egg-info
