@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -268,10 +268,18 @@ def iter_gguf_weights(
     cfg: ModelConfig,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    raw_only: Callable[[str], bool] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(Decoder name, tensor) pairs, dequantized one at a time and converted to ``dtype`` on ``device``."""
+    """(Decoder name, tensor) pairs, dequantized one at a time and converted to ``dtype`` on ``device``.
+
+    Names for which ``raw_only`` is true come as uninitialised tensors of the right shape: the caller
+    builds those layers from the raw blocks (``iter_gguf_raw``) and never reads them.
+    """
     embed: torch.Tensor | None = None
     for t in iter_gguf_raw(source, cfg):
+        if raw_only is not None and raw_only(t.name):
+            yield t.name, torch.empty(t.shape, dtype=dtype, device=device)
+            continue
         if t.name == INV_FREQ_NAME:
             yield t.name, torch.from_numpy(np.array(t.data)).to(device)  # rope stays fp32
             continue

@@ -190,17 +190,27 @@ def load_model(
     tensors become int4 exactly, from their raw blocks.
     """
     resolved = resolve_model(spec)
+    q4_1: dict[str, tuple[np.ndarray, tuple[int, int]]] | None = None
     if resolved.kind == "gguf":
         reader = open_gguf(resolved.path)
         cfg = config_from_gguf(reader)
-        tensors = iter_gguf_weights(reader, cfg, dtype, device)
+        raw_only = None
+        if weight_format == "int4":
+            q4_1 = _q4_1_blocks(reader, cfg)
+            if not keep_dense:
+                # Layers converted from their raw Q4_1 blocks need no float copy: skip dequantizing them
+                # (~1.7 s of the embedded model's start-up). Embedding and output head keep float weights.
+                def raw_only(name: str) -> bool:
+                    target = fused_target(name)
+                    fused = target[0] if target is not None else name
+                    return fused.startswith("model.layers.") and fused in q4_1
+        tensors = iter_gguf_weights(reader, cfg, dtype, device, raw_only)
     else:
         cfg = read_hf_config(resolved.path)
         tensors = iter_safetensors_weights(resolved.path, cfg, dtype, device)
     decoder = Decoder(cfg)  # uninitialised: the checkpoint provides every tensor
     convert = None
     if weight_format is not None:
-        q4_1 = _q4_1_blocks(reader, cfg) if resolved.kind == "gguf" and weight_format == "int4" else None
 
         def convert(name: str, module: nn.Module) -> None:  # each Linear as soon as its weight is in
             if isinstance(module, Linear) and name.endswith(".weight"):

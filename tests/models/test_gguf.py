@@ -51,6 +51,19 @@ def test_gguf_matches_safetensors(tmp_path, arch, tied) -> None:
     torch.testing.assert_close(from_gguf, hf_logits(model, IDS), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize(("arch", "tied"), [("llama", False), ("llama", True), ("phi3", False)])
+def test_int4_load_of_a_q4_1_file_matches_its_dequantized_weights(tmp_path, arch, tied) -> None:
+    """Q4_1 layers are packed straight from their raw blocks (never dequantized, their float tensors
+    left uninitialised); the embedding (Q4_1 here too) and the output head keep real float weights."""
+    model = make_llama(tied) if arch == "llama" else make_phi3()
+    path = str(write_gguf(model, tmp_path / "q4_1.gguf", Q.Q4_1))
+    _, dense, _ = load_model(path)
+    _, packed, _ = load_model(path, weight_format="int4")  # the Q4_1 head too, from its blocks
+    with torch.no_grad():
+        want, got = dense(IDS, torch.arange(len(IDS))), packed(IDS, torch.arange(len(IDS)))
+    assert (got - want).abs().max() <= 2e-3 * want.abs().max()  # int16 activations: ~5e-4 measured
+
+
 def test_gguf_llama3_rope_freqs(tmp_path) -> None:
     """Llama 3.x GGUFs carry rope scaling as a rope_freqs tensor of divisors, not as metadata."""
     model = make_llama(tied=False, llama3_rope=True)
