@@ -1,6 +1,6 @@
 // CPU kernels for the decode step: int4 weight-only linear and attention over the paged KV cache.
 //
-// Both compute every row with the same sequence of float operations whatever else is in the batch
+// Every kernel computes each row with the same sequence of operations whatever else is in the batch
 // (no reduction is split by batch size), so a request's tokens do not depend on the load.
 // Built at first use by phiserve/models/cpu_kernels.py with -march=native; AVX2 paths with a
 // scalar fallback for other CPUs.
