@@ -147,3 +147,38 @@ def test_silu_mul_matches_torch_over_the_whole_range():
     gate_up = torch.stack([torch.cat([gate, torch.randn(67)]), torch.cat([gate.flip(0), torch.randn(67)])])
     ref = torch.nn.functional.silu(gate_up[:, :67]) * gate_up[:, 67:]
     torch.testing.assert_close(torch.ops.phiserve.silu_mul(gate_up), ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler")
+def test_portable_path_computes_what_the_avx2_path_does(tmp_path):
+    """CPUs without AVX2 (ARM laptops) run the scalar code: build it (no -march) under another
+    namespace and compare. The weight kernels must give the same bits (same integer dots, same FMA
+    chain); the rest the same values up to the vectorized exp's rounding."""
+    if not cpu_kernels.available():
+        pytest.skip("CPU kernels unavailable here")
+    from torch.utils import cpp_extension
+
+    source = cpu_kernels.SOURCE.read_text().replace("TORCH_LIBRARY(phiserve,", "TORCH_LIBRARY(phiserve_portable,")
+    source = source.replace("TORCH_LIBRARY_IMPL(phiserve,", "TORCH_LIBRARY_IMPL(phiserve_portable,")
+    (tmp_path / "portable.cpp").write_text(source)
+    cpp_extension.load(
+        name="phiserve_portable_kernels", sources=[str(tmp_path / "portable.cpp")], build_directory=str(tmp_path),
+        extra_cflags=["-O2", "-fopenmp", "-mno-avx2", "-mno-fma"], is_python_module=False,
+    )
+    fast, portable = torch.ops.phiserve, torch.ops.phiserve_portable
+    g = torch.Generator().manual_seed(3)
+    q, scale, min_ = _weights(40, 96, seed=3)
+    x = torch.randn(6, 96, generator=g)
+    assert torch.equal(portable.int4_linear(x, *quant.pack_q4(q, scale, min_)), fast.int4_linear(x, *quant.pack_q4(q, scale, min_)))
+    q8, s8 = quant.quantize_q8(torch.randn(40, 96, generator=g))
+    assert torch.equal(portable.int8_linear(x, *quant.pack_q8(q8, s8)), fast.int8_linear(x, *quant.pack_q8(q8, s8)))
+    gate_up, w = torch.randn(3, 64, generator=g), torch.randn(96, generator=g)
+    torch.testing.assert_close(portable.silu_mul(gate_up), fast.silu_mul(gate_up))
+    torch.testing.assert_close(portable.rms_norm(x, w, 1e-5), fast.rms_norm(x, w, 1e-5))
+    qd = torch.randn(2, 4, 16, generator=g)
+    cache_k, cache_v = torch.randn(16, 2, 16, generator=g).half(), torch.randn(16, 2, 16, generator=g).half()
+    tables, lens = torch.tensor([[0, 1, 2], [3, 2, 0]], dtype=torch.int32), torch.tensor([11, 6], dtype=torch.int32)
+    torch.testing.assert_close(
+        portable.paged_decode_attention(qd, cache_k, cache_v, tables, lens, 4, 0.25),
+        fast.paged_decode_attention(qd, cache_k, cache_v, tables, lens, 4, 0.25),
+    )
