@@ -106,14 +106,16 @@ def paged_attention(
     if meta is None or k_cache is None:
         return _causal(q, k, v, scale)
     dec = meta.decodes
-    if dec is not None and dec.start == 0 and not meta.prefills and cpu_kernels.usable(q, kv_cache=k_cache):
-        # a decode-only step (most steps): the kernel's output is the whole result, no copy
-        return torch.ops.phiserve.paged_decode_attention(q.contiguous(), k_cache, v_cache, dec.block_tables, dec.context_lens, dec.block_size, scale)
-    out = torch.empty_like(q)
-    if dec is not None and cpu_kernels.usable(q, kv_cache=k_cache):
-        out[dec.start :] = torch.ops.phiserve.paged_decode_attention(
+    kernel = dec is not None and cpu_kernels.usable(q, kv_cache=k_cache)
+    if kernel:
+        decoded = torch.ops.phiserve.paged_decode_attention(
             q[dec.start :].contiguous(), k_cache, v_cache, dec.block_tables, dec.context_lens, dec.block_size, scale
         )
+        if dec.start == 0:  # a decode-only step (most steps): the kernel's output is the whole result
+            return decoded
+    out = torch.empty_like(q)
+    if kernel:
+        out[dec.start :] = decoded
     elif dec is not None:
         for rows, slots, mask in dec.width_groups:
             # Contiguous operands: on strided ones matmul picks batch-size-dependent kernels.

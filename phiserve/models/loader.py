@@ -136,7 +136,7 @@ def load_weights(
     device: torch.device | str = "cpu",
     on_loaded: Callable[[str, nn.Module], None] | None = None,
 ) -> Decoder:
-    """Install checkpoint tensors as the Decoder's parameters (built on the meta device or not).
+    """Install checkpoint tensors as the Decoder's parameters (its own are uninitialised placeholders).
     ``on_loaded(name, module)`` runs after each one (the loader re-encodes a layer there, so at most
     one layer's dense weight is alive beside the packed ones).
 

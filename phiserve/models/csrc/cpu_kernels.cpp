@@ -1,4 +1,5 @@
-// CPU kernels for the decode step: int4 weight-only linear and attention over the paged KV cache.
+// CPU kernels: int4/int8 weight-only linear layers (every row, prefill and decode), attention of decode
+// rows over the paged KV cache, rope + KV write, silu * up, RMSNorm with the residual add fused.
 //
 // Every kernel computes each row with the same sequence of operations whatever else is in the batch
 // (no reduction is split by batch size), so a request's tokens do not depend on the load.
@@ -11,7 +12,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -50,6 +50,13 @@ inline __m256 exp_nonpositive(__m256 x) {
 #endif
 
 // The KV cache holds float32 or float16 (half the bytes: long-context decode is memory-bound).
+void check_caches(const at::Tensor& k_cache, const at::Tensor& v_cache) {
+  TORCH_CHECK((k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kHalf) &&
+                  v_cache.scalar_type() == k_cache.scalar_type() && v_cache.sizes() == k_cache.sizes() &&
+                  k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "caches: contiguous float32 or float16 [slots, KVH, D]");
+}
+
 inline float to_float(float v) { return v; }
 inline float to_float(at::Half v) { return static_cast<float>(v); }
 #ifdef PHISERVE_AVX2
@@ -350,9 +357,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
                                   const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t block_size,
                                   double scale) {
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q: contiguous float32 [B, H, D]");
-  TORCH_CHECK((k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kHalf) &&
-                  v_cache.scalar_type() == k_cache.scalar_type() && k_cache.is_contiguous() && v_cache.is_contiguous(),
-              "caches: contiguous float32 or float16 [slots, KVH, D]");
+  check_caches(k_cache, v_cache);
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.is_contiguous() &&
                   context_lens.scalar_type() == at::kInt && context_lens.is_contiguous(),
               "block_tables, context_lens: contiguous int32");
@@ -420,10 +425,8 @@ std::vector<at::Tensor> rope_and_cache(const at::Tensor& qkv, const at::Tensor& 
   TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() && sin.is_contiguous() &&
                   cos.numel() == T * half && sin.numel() == T * half,
               "cos, sin: contiguous float32 [T, D/2]");
-  TORCH_CHECK((k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kHalf) &&
-                  v_cache.scalar_type() == k_cache.scalar_type() && k_cache.is_contiguous() && v_cache.is_contiguous() &&
-                  k_cache.size(1) == KVH && k_cache.size(2) == D,
-              "caches: contiguous float32 or float16 [slots, KVH, D]");
+  check_caches(k_cache, v_cache);
+  TORCH_CHECK(k_cache.size(1) == KVH && k_cache.size(2) == D, "caches: [slots, KVH, D] with this qkv's KVH and D");
   TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.numel() == T, "slot_mapping: int64 [T]");
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
   const int64_t num_slots = k_cache.size(0);
@@ -433,13 +436,15 @@ std::vector<at::Tensor> rope_and_cache(const at::Tensor& qkv, const at::Tensor& 
   const float *src = qkv.data_ptr<float>(), *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
   float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   const bool half_cache = k_cache.scalar_type() == at::kHalf;
-  auto store = [&](const at::Tensor& cache, int64_t slot, const float* src) {
+  void* const k_base = k_cache.data_ptr();
+  void* const v_base = v_cache.data_ptr();
+  auto store = [&](void* cache, int64_t slot, const float* src) {
     const int64_t n = KVH * D;
     if (half_cache) {
-      at::Half* dst = cache.data_ptr<at::Half>() + slot * n;
+      at::Half* dst = static_cast<at::Half*>(cache) + slot * n;
       for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<at::Half>(src[i]);
     } else {
-      std::copy(src, src + n, cache.data_ptr<float>() + slot * n);
+      std::copy(src, src + n, static_cast<float*>(cache) + slot * n);
     }
   };
   const int64_t width = qkv.size(1);
@@ -457,8 +462,8 @@ std::vector<at::Tensor> rope_and_cache(const at::Tensor& qkv, const at::Tensor& 
       for (int64_t h = 0; h < H; ++h) rotate(row + h * D, qp + (t * H + h) * D);
       for (int64_t h = 0; h < KVH; ++h) rotate(row + (H + h) * D, kp + (t * KVH + h) * D);
       std::copy(row + (H + KVH) * D, row + (H + 2 * KVH) * D, vp + t * KVH * D);
-      store(k_cache, slots[t], kp + t * KVH * D);
-      store(v_cache, slots[t], vp + t * KVH * D);
+      store(k_base, slots[t], kp + t * KVH * D);
+      store(v_base, slots[t], vp + t * KVH * D);
     }
   });
   return {q, k, v};
