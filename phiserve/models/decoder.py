@@ -164,6 +164,7 @@ class Decoder(nn.Module):
         self.model = DecoderBody(cfg)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self._fused_weights: tuple[list[torch.Tensor], bool] | None = None  # see _decode_layer_weights
 
     def forward(
         self,
@@ -185,10 +186,51 @@ class Decoder(nn.Module):
         freqs = positions.to(self.inv_freq.dtype)[:, None] * self.inv_freq[None, :]
         cos = freqs.cos().to(x.dtype).unsqueeze(1)
         sin = freqs.sin().to(x.dtype).unsqueeze(1)
-        delta = None
-        for i, layer in enumerate(self.model.layers):
-            delta = layer(x, delta, cos, sin, kv_caches[i] if kv_caches is not None else None, meta, dense_rows)
+        weights = self._decode_layer_weights(x, kv_caches, meta, dense_rows)
+        if weights is not None:
+            # A decode-only step: every layer in one call of our kernels (same kernels, same order,
+            # same bits as the loop below, without ~10 Python calls per layer).
+            T, cfg, dec = x.shape[0], self.config, meta.decodes
+            delta = torch.ops.phiserve.decode_layers(
+                x, cos.view(T, -1), sin.view(T, -1), [k for k, _ in kv_caches], [v for _, v in kv_caches], meta.slot_mapping,
+                dec.block_tables, dec.context_lens, dec.block_size, weights, cfg.num_heads, cfg.num_kv_heads,
+                cfg.rms_norm_eps, self.model.layers[0].self_attn.scale,
+            )
+        else:
+            delta = None
+            for i, layer in enumerate(self.model.layers):
+                delta = layer(x, delta, cos, sin, kv_caches[i] if kv_caches is not None else None, meta, dense_rows)
         if logits_rows is not None:
             dense_rows = int((logits_rows < dense_rows).sum())
             x, delta = x[logits_rows], delta[logits_rows] if delta is not None else None
         return self.lm_head(self.model.norm(x, delta), dense_rows).float()
+
+    def _decode_layer_weights(
+        self, x: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None, meta: AttentionMetadata | None, dense_rows: int
+    ) -> list[torch.Tensor] | None:
+        """The per-layer tensors of ``torch.ops.phiserve.decode_layers`` when this step can take it:
+        decode rows only, every layer's linears in our kernels' formats (and not held dense for these
+        rows), float32 activations and a cache our attention kernel reads. Otherwise None."""
+        if meta is None or kv_caches is None or meta.decodes is None or meta.decodes.start != 0:
+            return None
+        if not cpu_kernels.usable(x, kv_cache=kv_caches[0][0]):
+            return None
+        if self._fused_weights is None:  # weights are fixed once loaded: collect them once
+            self._fused_weights = self._collect_decode_layer_weights()
+        weights, any_dense = self._fused_weights
+        return weights if weights and not (any_dense and dense_rows) else None
+
+    def _collect_decode_layer_weights(self) -> tuple[list[torch.Tensor], bool]:
+        weights: list[torch.Tensor] = []
+        any_dense = False
+        no_mins = torch.empty(0, dtype=torch.float16)  # decode_layers' mark of a group-32 int8 layer
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+            linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            if any(n.dtype != torch.float32 for n in norms) or any(lin.mins is None and lin.packed_format != "q8" for lin in linears):
+                return [], False
+            any_dense = any_dense or any(lin.has_dense for lin in linears)
+            packed = [[lin.packed, lin.scales, no_mins if lin.mins is None else lin.mins] for lin in linears]
+            weights += [norms[0].detach(), *packed[0], *packed[1], norms[1].detach(), *packed[2], *packed[3]]
+        return weights, any_dense

@@ -182,3 +182,57 @@ def test_portable_path_computes_what_the_avx2_path_does(tmp_path):
         portable.paged_decode_attention(qd, cache_k, cache_v, tables, lens, 4, 0.25),
         fast.paged_decode_attention(qd, cache_k, cache_v, tables, lens, 4, 0.25),
     )
+
+
+def test_decode_layers_gives_the_bits_of_the_layer_by_layer_decoder(tmp_path, monkeypatch):
+    """A decode-only step takes one decode_layers call: it must compute exactly what the Python loop
+    over the layers computes (logits, residual stream and the K/V it writes), over int4 and int8
+    layers, a float16 paged cache and rows with different context lengths."""
+    from phiserve.models import decoder as decoder_module
+    from phiserve.models.attention import AttentionMetadata, DecodeRows, PrefillSpan
+    from phiserve.models.loader import load_model
+    from tests.models.tiny_checkpoints import VOCAB, make_llama
+
+    make_llama(tied=False, seed=3).save_pretrained(tmp_path)
+    _, model, _ = load_model(str(tmp_path), weight_format="int4")
+    _, dense, _ = load_model(str(tmp_path))
+    dense.model.layers[1].mlp.down_proj.set_q8()  # one layer of the other kernel format
+    model.model.layers[1].mlp.down_proj = dense.model.layers[1].mlp.down_proj
+    cfg, block = model.config, 4
+    shape = (64, cfg.num_kv_heads, cfg.head_dim)
+    caches = [(torch.zeros(shape, dtype=torch.float16), torch.zeros(shape, dtype=torch.float16)) for _ in range(cfg.num_layers)]
+    g = torch.Generator().manual_seed(0)
+    lengths, tables = [5, 11, 2], [[0, 1], [2, 3, 4], [5]]  # context lengths including the new token
+    with torch.inference_mode():
+        for n, table in zip(lengths, tables, strict=True):  # each prompt's first n-1 tokens, layer by layer
+            slots = torch.tensor([table[p // block] * block + p % block for p in range(n - 1)])
+            meta = AttentionMetadata(slots, prefills=(PrefillSpan(0, n - 1, None, None),))
+            model(torch.randint(0, VOCAB, (n - 1,), generator=g), torch.arange(n - 1), caches, meta)
+    padded = torch.tensor([t + [0] * (3 - len(t)) for t in tables], dtype=torch.int32)
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor([t[(n - 1) // block] * block + (n - 1) % block for n, t in zip(lengths, tables, strict=True)]),
+        decodes=DecodeRows(0, padded, torch.tensor(lengths, dtype=torch.int32), block),
+    )
+    ids, positions = torch.randint(0, VOCAB, (3,), generator=g), torch.tensor(lengths) - 1
+
+    def step(fused: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        step_caches = [(k.clone(), v.clone()) for k, v in caches]
+        original = decoder_module.Decoder._decode_layer_weights
+        calls = []
+
+        def weights(self, *args):  # noqa: ANN001, ANN202
+            found = original(self, *args) if fused else None
+            calls.append(found is not None)
+            return found
+
+        monkeypatch.setattr(decoder_module.Decoder, "_decode_layer_weights", weights)
+        with torch.inference_mode():
+            logits = model(ids, positions, step_caches, meta, torch.arange(3), dense_rows=0)
+        assert calls == [fused]
+        return logits, [c for pair in step_caches for c in pair]
+
+    fused_logits, fused_caches = step(True)
+    loop_logits, loop_caches = step(False)
+    assert torch.equal(fused_logits, loop_logits) and fused_logits.isfinite().all()
+    assert all(torch.equal(a, b) for a, b in zip(fused_caches, loop_caches, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(fused_caches, [c for pair in caches for c in pair], strict=True))

@@ -504,6 +504,42 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   return out;
 }
 
+// A linear layer in one of our kernels' formats: int4 when `mins` has elements, else group-32 int8.
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins) {
+  return mins.numel() > 0 ? weight_only_linear<4>(x, qweight, scales, &mins) : weight_only_linear<8>(x, qweight, scales, nullptr);
+}
+
+// Tensors per layer in decode_layers' `weights`: input norm; qkv (qweight, scales, mins); o (3);
+// post-attention norm; gate_up (3); down (3). An empty `mins` marks an int8 layer.
+constexpr size_t kLayerTensors = 14;
+
+// Every decoder layer of a decode-only step (one new token per row, all layers in our kernels'
+// formats): the same kernels in the same order as the Python decoder (models/decoder.py), so the
+// same bits, in one call instead of ~10 per layer. The per-op Python and dispatcher work between
+// kernels was ~5 ms of a 14 ms one-user step, and its gaps let the OpenMP workers fall asleep.
+// x [B, hidden]: the residual stream, updated in place. Returns the last layer's output, not yet
+// added (the final norm adds it, as the next layer's norm does inside the loop).
+at::Tensor decode_layers(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, at::TensorList k_caches,
+                         at::TensorList v_caches, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
+                         const at::Tensor& context_lens, int64_t block_size, at::TensorList weights, int64_t num_heads,
+                         int64_t num_kv_heads, double eps, double scale) {
+  const size_t L = k_caches.size();
+  TORCH_CHECK(L > 0 && v_caches.size() == L && weights.size() == L * kLayerTensors,
+              "decode_layers: one k and v cache and 14 weight tensors per layer");
+  const int64_t T = x.size(0);
+  at::Tensor delta;
+  for (size_t i = 0; i < L; ++i) {
+    const at::Tensor* w = weights.data() + i * kLayerTensors;
+    at::Tensor h = rms_norm_impl(x, i == 0 ? c10::nullopt : c10::optional<at::Tensor>(delta), w[0], eps);
+    const std::vector<at::Tensor> qkv =
+        rope_and_cache(packed_linear(h, w[1], w[2], w[3]), cos, sin, k_caches[i], v_caches[i], slot_mapping, num_heads, num_kv_heads);
+    const at::Tensor o = paged_decode_attention(qkv[0], k_caches[i], v_caches[i], block_tables, context_lens, block_size, scale);
+    h = rms_norm_impl(x, packed_linear(o.view({T, -1}), w[4], w[5], w[6]), w[7], eps);
+    delta = packed_linear(silu_mul(packed_linear(h, w[8], w[9], w[10])), w[11], w[12], w[13]);
+  }
+  return delta;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(phiserve, m) {
@@ -514,6 +550,9 @@ TORCH_LIBRARY(phiserve, m) {
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("add_rms_norm_(Tensor(a!) x, Tensor residual, Tensor w, float eps) -> Tensor");
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, int block_size, float scale) -> Tensor");
+  m.def("decode_layers(Tensor(a!) x, Tensor cos, Tensor sin, Tensor(b!)[] k_caches, Tensor(c!)[] v_caches, Tensor slot_mapping, "
+        "Tensor block_tables, Tensor context_lens, int block_size, Tensor[] weights, int num_heads, int num_kv_heads, float eps, "
+        "float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(phiserve, CPU, m) {
@@ -524,4 +563,5 @@ TORCH_LIBRARY_IMPL(phiserve, CPU, m) {
   m.impl("silu_mul", &silu_mul);
   m.impl("rms_norm", &rms_norm);
   m.impl("add_rms_norm_", &add_rms_norm_);
+  m.impl("decode_layers", &decode_layers);
 }
