@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-import time
 
 import typer
 import uvicorn
@@ -74,21 +73,24 @@ def serve(
 
 
 def serve_http(server: uvicorn.Server, state: AppState) -> None:
-    """HTTP in a background thread, the engine loop on this (main) thread; SIGINT/SIGTERM stop both."""
+    """HTTP in a background thread (answering 503 while the model loads); the model loads and the
+    engine loop runs on this (main) thread. SIGINT/SIGTERM, or the HTTP server ending, stop both."""
 
     def shutdown(*_: object) -> None:
         server.should_exit = True
-        if state.host is not None:
-            state.host.engine.stop()
+        state.stop()
+
+    def run_http() -> None:
+        try:
+            server.run()
+        finally:  # e.g. the port was taken: no engine without a server
+            state.stop()
 
     signal.signal(signal.SIGINT, shutdown)
     signal.signal(signal.SIGTERM, shutdown)
-    http = threading.Thread(target=server.run, name="phiserve-http")
+    http = threading.Thread(target=run_http, name="phiserve-http")
     http.start()
-    while state.host is None and state.load_error is None and http.is_alive() and not server.should_exit:
-        time.sleep(0.05)
-    if state.host is not None and not server.should_exit:
-        state.host.engine.run_forever()
+    state.load_and_run()
     server.should_exit = True
     http.join()
     if state.load_error is not None:

@@ -1,4 +1,4 @@
-"""Loads one served model (weights, tokenizer, chat template) and starts its engine."""
+"""Loads one served model (weights, tokenizer, chat template) and builds its engine (the caller runs it)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ class ServeOptions:
     input_price: float | None = None  # USD per million tokens
     output_price: float | None = None
     api_key: str | None = None
-    engine_on_caller_thread: bool = False  # the CLI drives the engine loop from the main thread itself
+    engine_on_caller_thread: bool = False  # the CLI loads the model and drives the engine from its main thread
 
 
 def pick_device(name: str) -> torch.device:
@@ -109,9 +109,7 @@ class ModelHost:
         llm = LLMEngine(model, self.tokenizer, options.engine, device, kv_dtype=dtype)
         self.max_model_len = llm.max_model_len
         self.grammars = llm.grammars  # the API validates grammars against the engine's tokenizer up front
-        self.engine = AsyncEngine(llm, options.threads, on_finish=self.ledger.record)
-        if not options.engine_on_caller_thread:
-            self.engine.start()
+        self.engine = AsyncEngine(llm, on_finish=self.ledger.record)
         log.info("serving %s from %s on %s (%s), context %d", self.name, resolved.path, device, precision, self.max_model_len)
 
     def shutdown(self) -> None:

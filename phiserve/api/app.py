@@ -8,6 +8,7 @@ import hmac
 import logging
 import os
 import signal
+import threading
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
@@ -30,36 +31,54 @@ class AppState:
         self.host: ModelHost | None = None
         self.load_error: str | None = None
         self.registry = CollectorRegistry()
+        self._stopping = threading.Event()
 
+    def load_and_run(self) -> None:
+        """Load the model, then drive its engine until stop(), both on the calling thread.
 
-def create_app(options: ServeOptions, host: ModelHost | None = None) -> FastAPI:
-    state = AppState(options)
-
-    async def load() -> None:
+        One thread on purpose: torch's OpenMP keeps a thread pool per thread that runs parallel ops,
+        and a pool left behind by a separate loader thread made libgomp throttle its spin-wait (it then
+        manages more threads than there are CPUs): the engine's workers slept and were woken at nearly
+        every kernel (~170 times a token), and a one-user step took ~1.6x its time alone.
+        """
         try:
-            state.host = await asyncio.to_thread(ModelHost, options, state.registry)
+            host = ModelHost(self.options, self.registry)
         except Exception as exc:  # reported by /health; the process keeps answering
             # A server that cannot serve its one model should not linger: say why in one line and exit.
-            state.load_error = str(exc)
+            self.load_error = str(exc)
             log.error("model failed to load: %s", exc)
             log.debug("load failure", exc_info=True)
             os.kill(os.getpid(), signal.SIGTERM)
+            return
+        self.host = host
+        if not self._stopping.is_set():  # stop() may have come during the load
+            host.engine.run_forever()
+
+    def stop(self) -> None:
+        """Make load_and_run return (from any thread): at once if loaded, else right after the load."""
+        self._stopping.set()
+        if self.host is not None:
+            self.host.shutdown()
+
+
+def create_app(options: ServeOptions) -> FastAPI:
+    """With ``options.engine_on_caller_thread`` the caller runs ``app.state.phiserve.load_and_run()``
+    itself (the CLI, on its main thread); otherwise the app starts a thread for it."""
+    state = AppState(options)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):  # noqa: ANN202
-        task = None
-        if host is not None:
-            state.host = host
-        else:
-            task = asyncio.create_task(load())
+        engine_thread = None
+        if not options.engine_on_caller_thread:
+            engine_thread = threading.Thread(target=state.load_and_run, name="phiserve-engine", daemon=True)
+            engine_thread.start()
         yield
-        if task is not None:
-            task.cancel()
-        if state.host is not None:
-            state.host.shutdown()
+        state.stop()
+        if engine_thread is not None:
+            await asyncio.to_thread(engine_thread.join, 10)
 
     app = FastAPI(title="phiserve", lifespan=lifespan)
-    app.state.phiserve = state  # the CLI waits on it to drive the engine from the main thread
+    app.state.phiserve = state  # the CLI loads the model and drives the engine through it
     install_error_handlers(app)
     engine_gauges = Gauge("phiserve_engine", "Engine state", ["stat"], registry=state.registry)
 

@@ -1,4 +1,4 @@
-"""Async bridge: the engine loop runs in its own thread; each request awaits its own output queue.
+"""Async bridge: the engine loop runs on one thread (``run_forever``); each request awaits its own output queue.
 
 Requests and aborts cross into the engine thread through a locked inbox, applied between steps, so
 the engine itself is single-threaded. A request whose consumer goes away (client disconnect) is
@@ -12,8 +12,6 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-
-import torch
 
 from phiserve.engine.llm_engine import ChoiceOutput, LLMEngine
 from phiserve.engine.sampling_params import SamplingParams
@@ -36,9 +34,8 @@ class _Pending:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, threads: int | None = None, on_finish: Callable[[ChoiceOutput], None] | None = None) -> None:
+    def __init__(self, engine: LLMEngine, on_finish: Callable[[ChoiceOutput], None] | None = None) -> None:
         self.engine = engine
-        self.threads = threads
         self.on_finish = on_finish  # usage accounting hook, called in the engine thread for every finished choice
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -47,22 +44,16 @@ class AsyncEngine:
         self._streams: dict[str, _Pending] = {}
         self._stopped = False
         self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._loop, name="phiserve-engine", daemon=True)
-
-    def start(self) -> None:
-        """Run the engine loop in its own thread (tests, embedding in another program)."""
-        self._thread.start()
 
     def run_forever(self) -> None:
-        """Run the engine loop in the calling thread until stop(). The CLI runs it on the main thread:
-        torch's CPU kernels measured ~40% slower per step when driven from a secondary thread."""
+        """Run the engine loop on the calling thread until stop(). Call it on the thread that loaded the
+        model (see AppState.load_and_run): torch's OpenMP pool belongs to the calling thread."""
         self._loop()
 
     def stop(self) -> None:
+        """Ask the loop to return after its current step (from any thread)."""
         self._stopped = True
         self._wake.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout=10)
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, n: int = 1) -> AsyncIterator[ChoiceOutput]:
         """Yield every choice's deltas until all n choices have finished. Cancelling the consumer aborts the request."""
@@ -95,8 +86,6 @@ class AsyncEngine:
 
     # ---- engine thread --------------------------------------------------------------------------
     def _loop(self) -> None:
-        if self.threads:
-            torch.set_num_threads(self.threads)
         try:
             while not self._stopped:
                 self._drain_inbox()
