@@ -2,9 +2,11 @@
 
 Formats: dense ``float32`` / ``bfloat16`` (GEMM; activations cast at the boundary), and weight-only
 ``int8`` (per channel, torch's kernel) or ``int4`` (group-32: our kernel ``torch.ops.phiserve.int4_linear``
-when it builds on this machine, see ``cpu_kernels.py``; torch's packed CPU kernel otherwise). A layer may hold a dense
-weight *and* a packed one ("hybrid"): rows of prefill chunks (many rows, compute-bound) take the
-dense GEMM, single-token decode rows (memory-bound) take the packed kernel. Which rows are which is
+when it builds on this machine, see ``cpu_kernels.py``; torch's packed CPU kernel otherwise). Rows of
+prefill chunks (many rows, compute-bound) and single-token decode rows (memory-bound) take different
+paths: with our kernels, decode rows the int16-activation kernel over the packed weights and prefill
+rows an fp32 kernel over the same weights dequantized panel by panel; with torch's packed formats a
+layer may also hold a dense weight ("hybrid") for the prefill rows' GEMM. Which rows are which is
 decided by the runner per sequence, so a row's numerics never depend on what else is in the batch.
 """
 
@@ -34,16 +36,20 @@ class Linear(nn.Module):
         self.rescore_top = 0
 
     def forward(self, x: torch.Tensor, dense_rows: int | None = None) -> torch.Tensor:
-        """``dense_rows``: leading rows that take the dense weight when the layer also holds a packed one."""
+        """``dense_rows``: leading rows (prefill) that take the compute-bound path when the layer has
+        one beside its packed weight: the dense weight, or our fp32 kernel over weights dequantized
+        panel by panel. The other rows (decode) take the packed kernel. None: every row packed."""
         if self.approx is not None:
             return self._rescored(x)
         if self.packed_format is None:
             return self._dense(x)
-        if not self.has_dense or dense_rows is None or dense_rows == 0:
+        ours = self.mins is not None or self.packed_format == "q8"
+        if not (self.has_dense or ours) or dense_rows is None or dense_rows == 0:
             return self._packed(x)
+        compute_bound = self._dense if self.has_dense else self._dequantized
         if dense_rows >= x.shape[0]:
-            return self._dense(x)
-        return torch.cat([self._dense(x[:dense_rows]), self._packed(x[dense_rows:])])
+            return compute_bound(x)
+        return torch.cat([compute_bound(x[:dense_rows]), self._packed(x[dense_rows:])])
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
@@ -56,15 +62,19 @@ class Linear(nn.Module):
             return F.linear(F.pad(x, (0, 0, 0, MIN_GEMM_ROWS - rows)), w)[:rows]
         return F.linear(x, w)
 
+    def _dequantized(self, x: torch.Tensor) -> torch.Tensor:
+        """Our packed formats, prefill rows: fp32 FMA over the exact weights (see csrc/cpu_kernels.cpp)."""
+        return self._our_kernel(x, torch.ops.phiserve.int4_dequantized_linear, torch.ops.phiserve.int8_dequantized_linear)
+
+    def _our_kernel(self, x: torch.Tensor, int4_op: object, int8_op: object) -> torch.Tensor:
+        # our kernels take fp32 rows; the decoder's are already (skip the no-op casts: ~1 us each, 240 a step)
+        x32 = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
+        y = int4_op(x32, self.packed, self.scales, self.mins) if self.mins is not None else int8_op(x32, self.packed, self.scales)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
+
     def _packed(self, x: torch.Tensor) -> torch.Tensor:
         if self.mins is not None or self.packed_format == "q8":
-            # our kernels take fp32 rows; the decoder's are already (skip the no-op casts: ~1 us each, 240 a step)
-            x32 = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
-            if self.mins is not None:
-                y = torch.ops.phiserve.int4_linear(x32, self.packed, self.scales, self.mins)
-            else:
-                y = torch.ops.phiserve.int8_linear(x32, self.packed, self.scales)
-            return y if x.dtype == torch.float32 else y.to(x.dtype)
+            return self._our_kernel(x, torch.ops.phiserve.int4_linear, torch.ops.phiserve.int8_linear)
         if self.packed_format == "int4":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(self.scales.dtype), self.packed, quant.INT4_GROUP, self.scales)
         else:

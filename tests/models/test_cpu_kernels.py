@@ -75,6 +75,34 @@ def test_int4_linear_rows_do_not_depend_on_the_batch():
 
 
 @needs_kernels
+@pytest.mark.parametrize("n", [8, 24, 48])
+def test_dequantized_linear_equals_the_float_product(n):
+    """Prefill rows' kernel: fp32 FMA over the exact dequantized weights (q * d + m)."""
+    g = torch.Generator().manual_seed(n)
+    q, scale, min_ = _weights(n, 96, seed=n)
+    x = torch.randn(13, 96, generator=g)
+    out = torch.ops.phiserve.int4_dequantized_linear(x, *quant.pack_q4(q, scale, min_))
+    ref = x.double() @ _dense(q, scale, min_).t()
+    assert (out.double() - ref).abs().max() <= 1e-6 * ref.abs().max()
+    q8, s8 = quant.quantize_q8(torch.randn(n, 96, generator=g))
+    out8 = torch.ops.phiserve.int8_dequantized_linear(x, *quant.pack_q8(q8, s8))
+    ref8 = x.double() @ (q8.double() * s8.double().repeat_interleave(32, 1)).t()
+    assert (out8.double() - ref8).abs().max() <= 1e-6 * ref8.abs().max()
+
+
+@needs_kernels
+def test_dequantized_linear_rows_do_not_depend_on_the_batch():
+    q, scale, min_ = _weights(40, 64, seed=2)  # 5 blocks of 8 features: two full panels and a half one
+    packed = quant.pack_q4(q, scale, min_)
+    x = torch.randn(14, 64)
+    batched = torch.ops.phiserve.int4_dequantized_linear(x, *packed)
+    for m in range(1, 15):  # full 6-row tiles and every remainder tile
+        assert torch.equal(torch.ops.phiserve.int4_dequantized_linear(x[:m].contiguous(), *packed), batched[:m])
+    for i in range(14):
+        assert torch.equal(torch.ops.phiserve.int4_dequantized_linear(x[i : i + 1].contiguous(), *packed)[0], batched[i])
+
+
+@needs_kernels
 def test_int4_linear_rejects_bad_shapes():
     q, scale, min_ = _weights(8, 64)
     qweight, scales, mins = quant.pack_q4(q, scale, min_)
@@ -172,6 +200,9 @@ def test_portable_path_computes_what_the_avx2_path_does(tmp_path):
     assert torch.equal(portable.int4_linear(x, *quant.pack_q4(q, scale, min_)), fast.int4_linear(x, *quant.pack_q4(q, scale, min_)))
     q8, s8 = quant.quantize_q8(torch.randn(40, 96, generator=g))
     assert torch.equal(portable.int8_linear(x, *quant.pack_q8(q8, s8)), fast.int8_linear(x, *quant.pack_q8(q8, s8)))
+    q4 = quant.pack_q4(q, scale, min_)
+    assert torch.equal(portable.int4_dequantized_linear(x, *q4), fast.int4_dequantized_linear(x, *q4))
+    assert torch.equal(portable.int8_dequantized_linear(x, *quant.pack_q8(q8, s8)), fast.int8_dequantized_linear(x, *quant.pack_q8(q8, s8)))
     gate_up, w = torch.randn(3, 64, generator=g), torch.randn(96, generator=g)
     torch.testing.assert_close(portable.silu_mul(gate_up), fast.silu_mul(gate_up))
     torch.testing.assert_close(portable.rms_norm(x, w, 1e-5), fast.rms_norm(x, w, 1e-5))
