@@ -439,6 +439,82 @@ at::Tensor int8_dequantized_linear(const at::Tensor& x, const at::Tensor& qweigh
 // Attention of single-token decode rows over their paged context (the new token's K/V already
 // written). q [B, H, D]; k_cache, v_cache [slots, KVH, D]; block_tables [B, max_blocks] int32;
 // context_lens [B] int32. Returns [B, H, D].
+#ifdef PHISERVE_AVX2
+// out[g, d0:d0+32] = sum_t p[g, t] * v_t[d0:d0+32] for GC (<= 3) heads, accumulated in 12 registers:
+// the same FMA chain over t per output as accumulating in memory, without a store and reload of
+// every accumulator at every t (which bound the loop at one 256-bit store a cycle).
+template <int GC, typename CacheT>
+void weighted_sum_of_rows_32(const float* p, int64_t len, const CacheT* vp, const int64_t* rows, int64_t d0, float* out, int64_t D) {
+  const __m256 zero = _mm256_setzero_ps();
+  __m256 a00 = zero, a01 = zero, a02 = zero, a03 = zero, a10 = zero, a11 = zero, a12 = zero, a13 = zero;
+  __m256 a20 = zero, a21 = zero, a22 = zero, a23 = zero;
+  for (int64_t t = 0; t < len; ++t) {
+    if (t + 32 < len) __builtin_prefetch(vp + rows[t + 32] + d0);
+    const CacheT* v = vp + rows[t] + d0;
+    const __m256 v0 = load8(v), v1 = load8(v + 8), v2 = load8(v + 16), v3 = load8(v + 24);
+#define PHISERVE_PV_HEAD(g)                                  \
+  if constexpr (GC > g) {                                    \
+    const __m256 w = _mm256_broadcast_ss(p + g * len + t);   \
+    a##g##0 = _mm256_fmadd_ps(w, v0, a##g##0);               \
+    a##g##1 = _mm256_fmadd_ps(w, v1, a##g##1);               \
+    a##g##2 = _mm256_fmadd_ps(w, v2, a##g##2);               \
+    a##g##3 = _mm256_fmadd_ps(w, v3, a##g##3);               \
+  }
+    PHISERVE_PV_HEAD(0) PHISERVE_PV_HEAD(1) PHISERVE_PV_HEAD(2)
+#undef PHISERVE_PV_HEAD
+  }
+  const __m256 acc[3][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}, {a20, a21, a22, a23}};
+  for (int g = 0; g < GC; ++g)
+    for (int j = 0; j < 4; ++j) _mm256_storeu_ps(out + g * D + d0 + 8 * j, acc[g][j]);
+}
+
+// scores[g * stride] = dot(q_g, k) * sc for GC (<= 4) query heads sharing one K row: the row is
+// converted once for all of them, and each dot is dot()'s own chain (even and odd 8-lane halves,
+// then one horizontal sum), so the bits are dot()'s.
+template <int GC, typename CacheT>
+inline void dot_heads_n(const float* q, const CacheT* k, int64_t D, float sc, float* scores, int64_t stride) {
+  __m256 s[GC][2];
+  for (int g = 0; g < GC; ++g) s[g][0] = s[g][1] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < D; i += 16) {
+    const __m256 k0 = load8(k + i), k1 = load8(k + i + 8);
+    for (int g = 0; g < GC; ++g) {
+      s[g][0] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + i), k0, s[g][0]);
+      s[g][1] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + i + 8), k1, s[g][1]);
+    }
+  }
+  for (int g = 0; g < GC; ++g) scores[g * stride] = hsum(_mm256_add_ps(s[g][0], s[g][1])) * sc;
+}
+
+template <typename CacheT>
+inline void dot_heads(const float* q, int64_t G, const CacheT* k, int64_t D, float sc, float* scores, int64_t stride) {
+  for (int64_t g0 = 0; g0 < G; g0 += 4) {
+    const float* qg = q + g0 * D;
+    float* sg = scores + g0 * stride;
+    switch (std::min<int64_t>(4, G - g0)) {
+      case 4: dot_heads_n<4>(qg, k, D, sc, sg, stride); break;
+      case 3: dot_heads_n<3>(qg, k, D, sc, sg, stride); break;
+      case 2: dot_heads_n<2>(qg, k, D, sc, sg, stride); break;
+      default: dot_heads_n<1>(qg, k, D, sc, sg, stride); break;
+    }
+  }
+}
+
+// All G heads' weighted sums (probabilities p [G, len]) over 32-column slices, three heads at a time.
+template <typename CacheT>
+void weighted_sum_of_rows(const float* p, int64_t len, int64_t G, const CacheT* vp, const int64_t* rows, int64_t D, float* out) {
+  for (int64_t g0 = 0; g0 < G; g0 += 3)
+    for (int64_t d0 = 0; d0 < D; d0 += 32) {
+      const float* pg = p + g0 * len;
+      float* og = out + g0 * D;
+      switch (std::min<int64_t>(3, G - g0)) {
+        case 3: weighted_sum_of_rows_32<3>(pg, len, vp, rows, d0, og, D); break;
+        case 2: weighted_sum_of_rows_32<2>(pg, len, vp, rows, d0, og, D); break;
+        default: weighted_sum_of_rows_32<1>(pg, len, vp, rows, d0, og, D); break;
+      }
+    }
+}
+#endif
+
 template <typename CacheT>
 void decode_attention_impl(const float* qp, const CacheT* kp, const CacheT* vp, const int32_t* bt, const int32_t* lens,
                            float* op, int64_t B, int64_t H, int64_t D, int64_t KVH, int64_t MB, int64_t block_size, float sc) {
@@ -456,11 +532,17 @@ void decode_attention_impl(const float* qp, const CacheT* kp, const CacheT* vp, 
       // The G query heads of this KV head go together, so each K and V row is read once.
       scores.resize(G * len);
       const float* qh = qp + (b * H + kvh * G) * D;
-      constexpr int64_t kAhead = 8;  // rows are scattered over blocks: prefetch ahead of use
+      constexpr int64_t kAhead = 32;  // rows are scattered over blocks: prefetch ahead of use
       for (int64_t t = 0; t < len; ++t) {
         if (t + kAhead < len)
           for (int64_t off = 0; off < D; off += 16) __builtin_prefetch(kp + rows[t + kAhead] + off);
         const CacheT* krow = kp + rows[t];
+#ifdef PHISERVE_AVX2
+        if (D % 16 == 0) {
+          dot_heads(qh, G, krow, D, sc, scores.data() + t, len);
+          continue;
+        }
+#endif
         for (int64_t g = 0; g < G; ++g) scores[g * len + t] = dot(qh + g * D, krow, D) * sc;
       }
       for (int64_t g = 0; g < G; ++g) {
@@ -484,6 +566,13 @@ void decode_attention_impl(const float* qp, const CacheT* kp, const CacheT* vp, 
         const float inv = 1.f / total;
         for (t = 0; t < len; ++t) sg[t] *= inv;
       }
+      float* out = op + (b * H + kvh * G) * D;
+#ifdef PHISERVE_AVX2
+      if (D % 32 == 0) {
+        weighted_sum_of_rows(scores.data(), len, G, vp, rows.data(), D, out);
+        continue;
+      }
+#endif
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t = 0; t < len; ++t) {
         if (t + kAhead < len)
@@ -500,7 +589,7 @@ void decode_attention_impl(const float* qp, const CacheT* kp, const CacheT* vp, 
           for (; i < D; ++i) a[i] += p * to_float(vrow[i]);
         }
       }
-      std::copy(acc.begin(), acc.end(), op + (b * H + kvh * G) * D);
+      std::copy(acc.begin(), acc.end(), out);
     }
   });
 }
