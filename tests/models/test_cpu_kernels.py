@@ -206,13 +206,14 @@ def test_portable_path_computes_what_the_avx2_path_does(tmp_path):
     gate_up, w = torch.randn(3, 64, generator=g), torch.randn(96, generator=g)
     torch.testing.assert_close(portable.silu_mul(gate_up), fast.silu_mul(gate_up))
     torch.testing.assert_close(portable.rms_norm(x, w, 1e-5), fast.rms_norm(x, w, 1e-5))
-    qd = torch.randn(2, 4, 16, generator=g)
-    cache_k, cache_v = torch.randn(16, 2, 16, generator=g).half(), torch.randn(16, 2, 16, generator=g).half()
-    tables, lens = torch.tensor([[0, 1, 2], [3, 2, 0]], dtype=torch.int32), torch.tensor([11, 6], dtype=torch.int32)
-    torch.testing.assert_close(
-        portable.paged_decode_attention(qd, cache_k, cache_v, tables, lens, 4, 0.25),
-        fast.paged_decode_attention(qd, cache_k, cache_v, tables, lens, 4, 0.25),
-    )
+    for heads, kv_heads, dim in ((4, 2, 16), (9, 3, 64)):  # head size 64: the register-blocked vector paths
+        qd = torch.randn(2, heads, dim, generator=g)
+        cache_k, cache_v = torch.randn(16, kv_heads, dim, generator=g).half(), torch.randn(16, kv_heads, dim, generator=g).half()
+        tables, lens = torch.tensor([[0, 1, 2], [3, 2, 0]], dtype=torch.int32), torch.tensor([11, 6], dtype=torch.int32)
+        torch.testing.assert_close(
+            portable.paged_decode_attention(qd, cache_k, cache_v, tables, lens, 4, 0.25),
+            fast.paged_decode_attention(qd, cache_k, cache_v, tables, lens, 4, 0.25),
+        )
 
 
 def test_decode_layers_gives_the_bits_of_the_layer_by_layer_decoder(tmp_path, monkeypatch):
