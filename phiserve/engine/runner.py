@@ -48,8 +48,8 @@ class ModelRunner:
         logits_rows: list[int] = []
         samplers: list[Sequence] = []
         bs = self.block_size
-        # Prefill chunks first, then single-token decodes: the first `dense_rows` rows take dense
-        # weights, the rest the packed decode kernels (see models/linear.py).
+        # Prefill chunks first, then single-token decodes: the first `dense_rows` rows take the
+        # linears' compute-bound path, the rest the packed decode kernels (see models/linear.py).
         work = sorted(zip(batch.seqs, batch.num_new_tokens, strict=True), key=lambda item: item[1] == 1)
         dense_rows = sum(n for _, n in work if n > 1)
         for seq, n in work:

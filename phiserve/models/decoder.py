@@ -177,8 +177,9 @@ class Decoder(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions: [T]. Returns fp32 logits [len(logits_rows) or T, vocab].
 
-        ``dense_rows``: the leading rows (prefill chunks) that use dense weights where a layer also holds
-        packed ones; the rest (decodes) use the packed kernels. None: all rows dense.
+        ``dense_rows``: the leading rows (prefill chunks) that take the linears' compute-bound path
+        (dense weights, or our fp32 kernel over dequantized panels); the rest (decodes) the packed
+        kernels. None: all rows are prefill rows.
         """
         if dense_rows is None:
             dense_rows = input_ids.shape[0]

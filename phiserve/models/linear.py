@@ -12,6 +12,8 @@ decided by the runner per sequence, so a row's numerics never depend on what els
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,7 +68,7 @@ class Linear(nn.Module):
         """Our packed formats, prefill rows: fp32 FMA over the exact weights (see csrc/cpu_kernels.cpp)."""
         return self._our_kernel(x, torch.ops.phiserve.int4_dequantized_linear, torch.ops.phiserve.int8_dequantized_linear)
 
-    def _our_kernel(self, x: torch.Tensor, int4_op: object, int8_op: object) -> torch.Tensor:
+    def _our_kernel(self, x: torch.Tensor, int4_op: Callable[..., torch.Tensor], int8_op: Callable[..., torch.Tensor]) -> torch.Tensor:
         # our kernels take fp32 rows; the decoder's are already (skip the no-op casts: ~1 us each, 240 a step)
         x32 = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
         y = int4_op(x32, self.packed, self.scales, self.mins) if self.mins is not None else int8_op(x32, self.packed, self.scales)
