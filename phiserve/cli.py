@@ -93,7 +93,7 @@ def serve_http(server: uvicorn.Server, state: AppState) -> None:
     state.load_and_run()
     server.should_exit = True
     http.join()
-    if state.load_error is not None:
+    if state.load_error is not None or not server.started:  # the model or the HTTP server failed
         raise typer.Exit(code=1)
 
 

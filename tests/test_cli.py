@@ -1,4 +1,5 @@
-"""The command line: a model that cannot be found is one clear line and a non-zero exit, no traceback."""
+"""The command line: a model that cannot be found is one clear line and a non-zero exit, no traceback;
+a port that is taken ends the process with a failure status."""
 
 from __future__ import annotations
 
@@ -24,3 +25,18 @@ def test_help_lists_options():
     assert r.returncode == 0
     for option in ("--model", "--host", "--port", "--served-model-name", "--dtype", "--threads"):
         assert option in r.stdout
+
+
+def test_port_in_use_exits_non_zero():
+    """The HTTP server cannot bind: the process must end (engine included) with a failure status."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run(
+            [sys.executable, "-m", "phiserve", "serve", "--port", str(port)], capture_output=True, text=True, timeout=180
+        )
+    assert r.returncode == 1
+    assert "address already in use" in r.stderr
