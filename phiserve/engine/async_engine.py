@@ -45,11 +45,6 @@ class AsyncEngine:
         self._stopped = False
         self.error: BaseException | None = None
 
-    def run_forever(self) -> None:
-        """Run the engine loop on the calling thread until stop(). Call it on the thread that loaded the
-        model (see AppState.load_and_run): torch's OpenMP pool belongs to the calling thread."""
-        self._loop()
-
     def stop(self) -> None:
         """Ask the loop to return after its current step (from any thread)."""
         self._stopped = True
@@ -85,7 +80,9 @@ class AsyncEngine:
         return self.engine.stats()
 
     # ---- engine thread --------------------------------------------------------------------------
-    def _loop(self) -> None:
+    def run_forever(self) -> None:
+        """Run the engine loop on the calling thread until stop(). Call it on the thread that loaded the
+        model (see AppState.load_and_run): torch's OpenMP pool belongs to the calling thread."""
         try:
             while not self._stopped:
                 self._drain_inbox()

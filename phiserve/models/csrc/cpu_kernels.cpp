@@ -166,6 +166,17 @@ inline int32_t weight_value(const int32_t* group_words, int bits, int64_t p, int
 }
 
 #ifdef PHISERVE_AVX2
+// weight_value's vector form, 16 int16 lanes (2l + h = feature l at k = 2p + h) of plane p: for int4
+// plane j (p = 4v + j) of the group's vector v, `packed`; for int8 the group's 16-byte chunk p.
+inline __m256i int4_plane(__m256i packed, int j) {
+  const __m256i shifted = _mm256_srli_epi16(packed, 4 * j);
+  return j == 3 ? shifted : _mm256_and_si256(shifted, _mm256_set1_epi16(0x0F));  // the top nibble needs no mask
+}
+
+inline __m256i int8_plane(const int32_t* group_words, int p) {
+  return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(group_words + p * 4)));
+}
+
 // R rows against NB blocks of 8 features. Every (row, feature) is computed by the same operations in
 // the same order in every instantiation (exact integer group dots, then one fixed chain of float
 // FMAs), so a row's result does not depend on how many rows share the call.
@@ -176,7 +187,6 @@ inline void tile(const int32_t* xp, const float* sx, const float* xsum, int64_t 
   __m256 acc[R][NB];
   for (int r = 0; r < R; ++r)
     for (int b = 0; b < NB; ++b) acc[r][b] = _mm256_setzero_ps();
-  const __m256i nibble = _mm256_set1_epi16(0x0F);
   for (int64_t g = 0; g < G; ++g) {
     __m256i dot[R][NB];
     for (int r = 0; r < R; ++r)
@@ -200,14 +210,10 @@ inline void tile(const int32_t* xp, const float* sx, const float* xsum, int64_t 
       if constexpr (Bits == 4) {
         for (int v = 0; v < 4; ++v) {
           const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qg + v * kLanes));
-          use(b, 4 * v + 0, _mm256_and_si256(packed, nibble));
-          use(b, 4 * v + 1, _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble));
-          use(b, 4 * v + 2, _mm256_and_si256(_mm256_srli_epi16(packed, 8), nibble));
-          use(b, 4 * v + 3, _mm256_srli_epi16(packed, 12));
+          for (int j = 0; j < 4; ++j) use(b, 4 * v + j, int4_plane(packed, j));
         }
       } else {
-        for (int p = 0; p < 16; ++p)
-          use(b, p, _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qg + p * 4))));
+        for (int p = 0; p < 16; ++p) use(b, p, int8_plane(qg, p));
       }
     }
     for (int b = 0; b < NB; ++b) {
@@ -338,9 +344,8 @@ void dequantize_block(const int32_t* q, const at::Half* scales, const at::Half* 
     for (; p < kGroup / 2; ++p) {
       // lane l's int32 holds feature l's weights at k = 2p (low int16) and 2p + 1 (high int16)
       const __m256i pair = Bits == 4
-          ? _mm256_and_si256(_mm256_srli_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qg + (p / 4) * kLanes)), 4 * (p % 4)),
-                             _mm256_set1_epi16(0x0F))
-          : _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qg + p * 4)));
+          ? int4_plane(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qg + (p / 4) * kLanes)), static_cast<int>(p % 4))
+          : int8_plane(qg, static_cast<int>(p));
       const __m256 lo = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(pair, 16), 16));
       const __m256 hi = _mm256_cvtepi32_ps(_mm256_srai_epi32(pair, 16));
       float* row = panel + (g * kGroup + 2 * p) * kPanel + col;
@@ -747,7 +752,7 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 
 // A linear layer in one of our kernels' formats: int4 when `mins` has elements, else group-32 int8.
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins) {
-  return mins.numel() > 0 ? weight_only_linear<4>(x, qweight, scales, &mins) : weight_only_linear<8>(x, qweight, scales, nullptr);
+  return mins.numel() > 0 ? int4_linear(x, qweight, scales, mins) : int8_linear(x, qweight, scales);
 }
 
 // Tensors per layer in decode_layers' `weights`: input norm; qkv (qweight, scales, mins); o (3);
