@@ -3,7 +3,8 @@
 The cache of one layer is a flat tensor of slots ``[num_blocks * block_size, num_kv_heads, head_dim]``;
 a slot index is ``block_id * block_size + offset``. The runner builds one ``AttentionMetadata`` per
 step, shared by every layer. Decode rows go through our CPU kernel, which reads the paged cache in
-place (``cpu_kernels.py``), or through torch's matmuls over gathered slots; prefill chunks through SDPA.
+place (``cpu_kernels.py``), or through torch's matmuls over gathered slots; prefill chunks through our
+causal kernel over the cache (``prefill_attention``), or SDPA where our kernels are not built.
 """
 
 from __future__ import annotations
@@ -123,9 +124,16 @@ def paged_attention(
             kd = k_cache[slots].to(q.dtype).transpose(1, 2).contiguous()  # [B, KVH, width, D]
             vd = v_cache[slots].to(q.dtype).transpose(1, 2).contiguous()
             out[rows] = _decode_attention(qd, kd, vd, mask, scale).squeeze(2)
+    prefill_kernel = bool(meta.prefills) and cpu_kernels.usable(q, kv_cache=k_cache) and q.shape[-1] % 16 == 0
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.length)
-        if span.context_slots is None:
+        if prefill_kernel:
+            # keys and values as the cache holds them (as decode reads them): a row's result does not
+            # depend on how its prompt was chunked
+            slots = meta.slot_mapping[rows] if span.context_slots is None else span.context_slots
+            start = slots.numel() - span.length
+            out[rows] = torch.ops.phiserve.prefill_attention(q[rows].contiguous(), k_cache, v_cache, slots, start, scale)
+        elif span.context_slots is None:
             out[rows] = _causal(q[rows], k[rows], v[rows], scale)
         else:
             qs = q[rows].transpose(0, 1).unsqueeze(0)

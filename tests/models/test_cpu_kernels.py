@@ -3,6 +3,7 @@ row's result depend on the other rows of the batch."""
 
 from __future__ import annotations
 
+import itertools
 import shutil
 
 import pytest
@@ -120,6 +121,49 @@ def test_decode_attention_rejects_a_context_past_its_block_table():
         torch.ops.phiserve.paged_decode_attention(q, cache, cache, torch.tensor([[0, 1]], dtype=torch.int32), torch.tensor([9], dtype=torch.int32), 4, 0.25)
 
 
+def _causal_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, start: int, scale: float) -> torch.Tensor:
+    """Attention in float64 of queries at positions start.. over the keys in `slots`, each query seeing
+    the keys up to its own position."""
+    n, heads, _ = q.shape
+    group = heads // k_cache.shape[1]
+    k = k_cache[slots].double().repeat_interleave(group, 1)
+    v = v_cache[slots].double().repeat_interleave(group, 1)
+    scores = torch.einsum("nhd,lhd->hnl", q.double(), k) * scale
+    visible = torch.arange(slots.numel())[None, :] <= (start + torch.arange(n))[:, None]
+    return torch.einsum("hnl,lhd->nhd", torch.softmax(scores.masked_fill(~visible, float("-inf")), -1), v)
+
+
+@needs_kernels
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("n", "start", "heads", "kv_heads", "dim"), [(7, 0, 4, 2, 16), (40, 29, 9, 3, 64), (13, 0, 4, 4, 32), (1, 70, 6, 2, 16)])
+def test_prefill_attention_is_causal_attention_and_chunking_keeps_the_bits(cache_dtype, n, start, heads, kv_heads, dim):
+    """Every query row against the float64 reference (its own causal limit, keys scattered over the
+    cache), and each row bitwise the same when the chunk is split: a prompt's rows must not depend on
+    how the scheduler cut it, nor on which rows share a register tile."""
+    g = torch.Generator().manual_seed(n + start)
+    length = start + n
+    k_cache = torch.randn(length + 20, kv_heads, dim, generator=g).to(cache_dtype)
+    v_cache = torch.randn(length + 20, kv_heads, dim, generator=g).to(cache_dtype)
+    slots = torch.randperm(length + 20, generator=g)[:length]
+    q = torch.randn(n, heads, dim, generator=g)
+    out = torch.ops.phiserve.prefill_attention(q, k_cache, v_cache, slots, start, 0.125)
+    torch.testing.assert_close(out.double(), _causal_reference(q, k_cache, v_cache, slots, start, 0.125), rtol=1e-5, atol=2e-6)
+    for cut in sorted({1, n // 2, n - 1} - {0}):  # the same rows as the tail of a later chunk
+        tail = torch.ops.phiserve.prefill_attention(q[cut:].contiguous(), k_cache, v_cache, slots, start + cut, 0.125)
+        assert torch.equal(tail, out[cut:])
+        head = torch.ops.phiserve.prefill_attention(q[:cut].contiguous(), k_cache, v_cache, slots[: start + cut].contiguous(), start, 0.125)
+        assert torch.equal(head, out[:cut])
+
+
+@needs_kernels
+def test_prefill_attention_rejects_bad_slots():
+    q, cache = torch.randn(3, 4, 16), torch.randn(8, 2, 16)
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        torch.ops.phiserve.prefill_attention(q, cache, cache, torch.tensor([0, 1, 9]), 0, 0.25)
+    with pytest.raises(RuntimeError, match="start \\+ n"):
+        torch.ops.phiserve.prefill_attention(q, cache, cache, torch.tensor([0, 1, 2]), 1, 0.25)
+
+
 @needs_kernels
 def test_int8_linear_equals_the_dequantized_product_and_q8_0_round_trips():
     g = torch.Generator().manual_seed(2)
@@ -214,6 +258,11 @@ def test_portable_path_computes_what_the_avx2_path_does(tmp_path):
             portable.paged_decode_attention(qd, cache_k, cache_v, tables, lens, 4, 0.25),
             fast.paged_decode_attention(qd, cache_k, cache_v, tables, lens, 4, 0.25),
         )
+        slots = torch.tensor([5, 3, 0, 9, 12, 1, 7, 2, 15])
+        torch.testing.assert_close(
+            portable.prefill_attention(qd.repeat(4, 1, 1)[:7], cache_k, cache_v, slots, 2, 0.25),
+            fast.prefill_attention(qd.repeat(4, 1, 1)[:7], cache_k, cache_v, slots, 2, 0.25),
+        )
 
 
 def test_decode_layers_gives_the_bits_of_the_layer_by_layer_decoder(tmp_path, monkeypatch):
@@ -268,3 +317,35 @@ def test_decode_layers_gives_the_bits_of_the_layer_by_layer_decoder(tmp_path, mo
     assert torch.equal(fused_logits, loop_logits) and fused_logits.isfinite().all()
     assert all(torch.equal(a, b) for a, b in zip(fused_caches, loop_caches, strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(fused_caches, [c for pair in caches for c in pair], strict=True))
+
+
+@needs_kernels
+def test_a_prompt_gives_the_same_logits_in_one_chunk_or_over_a_cached_prefix(tmp_path):
+    """The engine prefills long prompts in chunks and answers repeated prefixes from the cache: the
+    prompt's last logits must be bitwise those of one cold pass (int4 linears, float16 paged cache)."""
+    from phiserve.models.attention import AttentionMetadata, PrefillSpan
+    from phiserve.models.loader import load_model
+    from tests.models.tiny_checkpoints import VOCAB, make_llama
+
+    make_llama(tied=False, seed=5).save_pretrained(tmp_path)
+    _, model, _ = load_model(str(tmp_path), weight_format="int4")
+    cfg = model.config
+    ids = torch.randint(0, VOCAB, (23,), generator=torch.Generator().manual_seed(2))
+    slots = torch.randperm(64, generator=torch.Generator().manual_seed(3))[:23]
+
+    def prefill(cuts: list[int]) -> torch.Tensor:
+        shape = (64, cfg.num_kv_heads, cfg.head_dim)
+        caches = [(torch.zeros(shape, dtype=torch.float16), torch.zeros(shape, dtype=torch.float16)) for _ in range(cfg.num_layers)]
+        bounds = [0, *cuts, len(ids)]
+        with torch.inference_mode():
+            for a, b in itertools.pairwise(bounds):
+                context = None if a == 0 else slots[:b]
+                mask = None if a == 0 else torch.arange(b)[None, :] <= torch.arange(a, b)[:, None]
+                meta = AttentionMetadata(slots[a:b], prefills=(PrefillSpan(0, b - a, context, mask),))
+                logits = model(ids[a:b], torch.arange(a, b), caches, meta, torch.tensor([b - a - 1]))
+        return logits
+
+    whole = prefill([])
+    assert whole.isfinite().all()
+    for cuts in ([16], [7, 8], [5, 17, 21]):
+        assert torch.equal(prefill(cuts), whole), cuts

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <memory>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -362,9 +363,10 @@ void dequantize_block(const int32_t* q, const at::Half* scales, const at::Half* 
   }
 }
 
-// R rows (R <= kPanelRows) of x [*, K] against a panel's first `width` (8 or 16) features.
+// R rows (R <= kPanelRows) of x (row r at x + r * ldx, K values) against a panel's first `width`
+// (8 or 16) features; row r's results go to out + r * N.
 template <int R>
-void panel_tile(const float* x, int64_t K, const float* panel, int64_t width, float* out, int64_t N) {
+void panel_tile(const float* x, int64_t ldx, int64_t K, const float* panel, int64_t width, float* out, int64_t N) {
 #ifdef PHISERVE_AVX2
   // Named accumulators, not an array: GCC kept an array's 12 accumulators in memory, storing them at
   // every k (measured 27 instead of ~70 GMAC/s).
@@ -375,7 +377,7 @@ void panel_tile(const float* x, int64_t K, const float* panel, int64_t width, fl
     const __m256 w0 = _mm256_loadu_ps(panel + k * kPanel), w1 = _mm256_loadu_ps(panel + k * kPanel + kLanes);
 #define PHISERVE_PANEL_ROW(r)                                   \
   if constexpr (R > r) {                                        \
-    const __m256 a = _mm256_broadcast_ss(x + r * K + k);        \
+    const __m256 a = _mm256_broadcast_ss(x + r * ldx + k);      \
     c##r##0 = _mm256_fmadd_ps(a, w0, c##r##0);                  \
     c##r##1 = _mm256_fmadd_ps(a, w1, c##r##1);                  \
   }
@@ -392,10 +394,23 @@ void panel_tile(const float* x, int64_t K, const float* panel, int64_t width, fl
   for (int r = 0; r < R; ++r)
     for (int64_t c = 0; c < width; ++c) {
       float acc = 0.f;
-      for (int64_t k = 0; k < K; ++k) acc = std::fma(x[r * K + k], panel[k * kPanel + c], acc);
+      for (int64_t k = 0; k < K; ++k) acc = std::fma(x[r * ldx + k], panel[k * kPanel + c], acc);
       out[r * N + c] = acc;
     }
 #endif
+}
+
+// panel_tile for a run-time row count R (1..kPanelRows).
+inline void panel_rows(int64_t R, const float* x, int64_t ldx, int64_t K, const float* panel, int64_t width, float* out, int64_t N) {
+  switch (R) {
+    case 6: panel_tile<6>(x, ldx, K, panel, width, out, N); break;
+    case 5: panel_tile<5>(x, ldx, K, panel, width, out, N); break;
+    case 4: panel_tile<4>(x, ldx, K, panel, width, out, N); break;
+    case 3: panel_tile<3>(x, ldx, K, panel, width, out, N); break;
+    case 2: panel_tile<2>(x, ldx, K, panel, width, out, N); break;
+    case 1: panel_tile<1>(x, ldx, K, panel, width, out, N); break;
+    default: break;
+  }
 }
 
 template <int Bits>
@@ -418,16 +433,8 @@ at::Tensor dequantized_linear(const at::Tensor& x, const at::Tensor& qweight, co
         dequantize_block<Bits>(qp + (b0 + bb) * block_q, sp + (b0 + bb) * block_s, mp != nullptr ? mp + (b0 + bb) * block_s : nullptr,
                                K, panel.data(), bb * kLanes);
       float* o = op + b0 * kLanes;
-      int64_t m = 0;
-      for (; m + kPanelRows <= M; m += kPanelRows) panel_tile<kPanelRows>(xp + m * K, K, panel.data(), width, o + m * N, N);
-      switch (M - m) {
-        case 5: panel_tile<5>(xp + m * K, K, panel.data(), width, o + m * N, N); break;
-        case 4: panel_tile<4>(xp + m * K, K, panel.data(), width, o + m * N, N); break;
-        case 3: panel_tile<3>(xp + m * K, K, panel.data(), width, o + m * N, N); break;
-        case 2: panel_tile<2>(xp + m * K, K, panel.data(), width, o + m * N, N); break;
-        case 1: panel_tile<1>(xp + m * K, K, panel.data(), width, o + m * N, N); break;
-        default: break;
-      }
+      for (int64_t m = 0; m < M; m += kPanelRows)
+        panel_rows(std::min(kPanelRows, M - m), xp + m * K, K, K, panel.data(), width, o + m * N, N);
     }
   });
   return out;
@@ -625,6 +632,103 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   return out;
 }
 
+// Causal attention of one sequence's prefill chunk over the paged cache. q [n, H, D]: the chunk's
+// tokens, at positions start .. start + n - 1; slots [start + n] int64: the cache slots of every key
+// up to the chunk's end (the chunk's own already written). Query i attends to keys 0 .. start + i.
+// Keys and values are read from the cache, as decode reads them, so a row's result depends only on
+// its query and its context: not on how the prompt was chunked or what else the batch holds.
+// Both products run on panel_tile, the prefill linears' register tile: K is repacked per KV head as
+// 16-key panels [D][16] (scores = q . k, one FMA chain over d, then * scale) and V as 16-dim panels
+// [keys][16] (out = sum_t p_t v_t, one chain over keys in order). Rows go six queries of one head at
+// a time; their softmax is exact (max, exp, sum over the whole row), with masked keys set to 0, so
+// the panel columns past a row's own context add exact zeros.
+template <typename CacheT>
+void prefill_attention_impl(const float* qp, const CacheT* kc, const CacheT* vc, const int64_t* slots, int64_t n,
+                            int64_t start, int64_t H, int64_t KVH, int64_t D, float sc, float* op) {
+  const int64_t L = start + n, P = (L + kPanel - 1) / kPanel, L16 = P * kPanel, G = H / KVH, DP = D / kPanel;
+  // kt[kvh][p][d][j] = k[key p * 16 + j][kvh][d]; vt[kvh][dp][key][j] = v[key][kvh][dp * 16 + j]; zero past L
+  // (every element is written: no zero-initialisation)
+  std::unique_ptr<float[]> kt(new float[KVH * L16 * D]), vt(new float[KVH * L16 * D]);
+  at::parallel_for(0, KVH * P, 4, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t kvh = i / P, p = i % P;
+      float* kpanel = kt.get() + (kvh * P + p) * D * kPanel;
+      for (int64_t j = 0; j < kPanel; ++j) {
+        const int64_t key = p * kPanel + j;
+        float* vkey = vt.get() + (kvh * DP * L16 + key) * kPanel;  // + dp * L16 * kPanel for dims dp*16..
+        if (key >= L) {
+          for (int64_t d = 0; d < D; ++d) kpanel[d * kPanel + j] = 0.f;
+          for (int64_t dp = 0; dp < DP; ++dp) std::fill(vkey + dp * L16 * kPanel, vkey + dp * L16 * kPanel + kPanel, 0.f);
+          continue;
+        }
+        const CacheT* krow = kc + (slots[key] * KVH + kvh) * D;
+        const CacheT* vrow = vc + (slots[key] * KVH + kvh) * D;
+        for (int64_t d = 0; d < D; ++d) kpanel[d * kPanel + j] = to_float(krow[d]);
+        for (int64_t dp = 0; dp < DP; ++dp)
+          for (int64_t e = 0; e < kPanel; ++e) vkey[dp * L16 * kPanel + e] = to_float(vrow[dp * kPanel + e]);
+      }
+    }
+  });
+  const int64_t blocks = (n + kPanelRows - 1) / kPanelRows;
+  // Later query blocks see more keys: hand them out first, so the threads finish together.
+  parallel_chunks(blocks * H, 1, [&](int64_t item, int64_t) {
+    const int64_t block = blocks - 1 - item / H, h = item % H, kvh = h / G;
+    const int64_t r0 = block * kPanelRows, R = std::min(kPanelRows, n - r0);
+    const int64_t C = (start + r0 + R + kPanel - 1) / kPanel * kPanel;  // key columns this block needs
+    std::vector<float> scores(kPanelRows * C);
+    const float* q = qp + (r0 * H + h) * D;
+    for (int64_t p = 0; p < C / kPanel; ++p)
+      panel_rows(R, q, H * D, D, kt.get() + (kvh * P + p) * D * kPanel, kPanel, scores.data() + p * kPanel, C);
+    for (int64_t r = 0; r < R; ++r) {
+      float* s = scores.data() + r * C;
+      const int64_t visible = start + r0 + r + 1;
+      float mx = -INFINITY;
+      for (int64_t t = 0; t < visible; ++t) {
+        s[t] *= sc;
+        mx = std::max(mx, s[t]);
+      }
+      int64_t t = 0;
+#ifdef PHISERVE_AVX2
+      for (; t + 8 <= visible; t += 8) _mm256_storeu_ps(s + t, exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + t), _mm256_set1_ps(mx))));
+#endif
+      for (; t < visible; ++t) s[t] = std::exp(s[t] - mx);
+      std::fill(s + visible, s + C, 0.f);
+      float total = 0.f;
+      t = 0;
+#ifdef PHISERVE_AVX2
+      __m256 vtotal = _mm256_setzero_ps();
+      for (; t + 8 <= C; t += 8) vtotal = _mm256_add_ps(vtotal, _mm256_loadu_ps(s + t));
+      total = hsum(vtotal);
+#endif
+      for (; t < C; ++t) total += s[t];
+      const float inv = 1.f / total;
+      for (t = 0; t < visible; ++t) s[t] *= inv;
+    }
+    for (int64_t dp = 0; dp < DP; ++dp)
+      panel_rows(R, scores.data(), C, C, vt.get() + (kvh * DP + dp) * L16 * kPanel, kPanel, op + (r0 * H + h) * D + dp * kPanel, H * D);
+  });
+}
+
+at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
+                             int64_t start, double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q: contiguous float32 [n, H, D]");
+  check_caches(k_cache, v_cache);
+  const int64_t n = q.size(0), H = q.size(1), D = q.size(2), KVH = k_cache.size(1);
+  TORCH_CHECK(H % KVH == 0 && k_cache.size(2) == D && D % kPanel == 0, "shapes do not match (head size a multiple of 16)");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && start >= 0 && slots.numel() == start + n,
+              "slots: int64 [start + n]");
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  for (int64_t i = 0; i < slots.numel(); ++i) TORCH_CHECK(sl[i] >= 0 && sl[i] < k_cache.size(0), "slot out of range");
+  at::Tensor out = at::empty_like(q);
+  if (n == 0) return out;
+  const float sc = static_cast<float>(scale);
+  if (k_cache.scalar_type() == at::kHalf)
+    prefill_attention_impl(q.data_ptr<float>(), k_cache.data_ptr<at::Half>(), v_cache.data_ptr<at::Half>(), sl, n, start, H, KVH, D, sc, out.data_ptr<float>());
+  else
+    prefill_attention_impl(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), sl, n, start, H, KVH, D, sc, out.data_ptr<float>());
+  return out;
+}
+
 // RMSNorm of each row of x [T, D] with weight w [D]; with `residual`, first x += residual in place (the
 // decoder's residual add fused into the norm that follows it). Rows are independent, fixed order.
 at::Tensor rms_norm_impl(const at::Tensor& x, const c10::optional<at::Tensor>& residual, const at::Tensor& w, double eps) {
@@ -797,6 +901,7 @@ TORCH_LIBRARY(phiserve, m) {
   m.def("silu_mul(Tensor gate_up) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("add_rms_norm_(Tensor(a!) x, Tensor residual, Tensor w, float eps) -> Tensor");
+  m.def("prefill_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, int start, float scale) -> Tensor");
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, int block_size, float scale) -> Tensor");
   m.def("decode_layers(Tensor(a!) x, Tensor cos, Tensor sin, Tensor(b!)[] k_caches, Tensor(c!)[] v_caches, Tensor slot_mapping, "
         "Tensor block_tables, Tensor context_lens, int block_size, Tensor[] weights, int num_heads, int num_kv_heads, float eps, "
@@ -806,6 +911,7 @@ TORCH_LIBRARY(phiserve, m) {
 TORCH_LIBRARY_IMPL(phiserve, CPU, m) {
   m.impl("int4_linear", &int4_linear);
   m.impl("paged_decode_attention", &paged_decode_attention);
+  m.impl("prefill_attention", &prefill_attention);
   m.impl("int8_linear", &int8_linear);
   m.impl("int4_dequantized_linear", &int4_dequantized_linear);
   m.impl("int8_dequantized_linear", &int8_dequantized_linear);
