@@ -706,7 +706,8 @@ void prefill_attention_impl(const float* qp, const CacheT* kc, const CacheT* vc,
     const int64_t block = blocks - 1 - item / H, h = item % H, kvh = h / G;
     const int64_t r0 = block * kPanelRows, R = std::min(kPanelRows, n - r0);
     const int64_t C = (start + r0 + R + kPanel - 1) / kPanel * kPanel;  // key columns this block needs
-    std::vector<float> scores(kPanelRows * C);
+    thread_local std::vector<float> scores;  // every column this block reads is written first
+    if (scores.size() < static_cast<size_t>(kPanelRows * C)) scores.resize(kPanelRows * C);
     const float* q = qp + (r0 * H + h) * D;
     for (int64_t p = 0; p < C / kPanel; ++p)
       panel_rows(R, q, H * D, D, kt.get() + (kvh * P + p) * D * kPanel, kPanel, scores.data() + p * kPanel, C);
