@@ -251,17 +251,18 @@ def test_portable_path_computes_what_the_avx2_path_does(tmp_path):
     torch.testing.assert_close(portable.silu_mul(gate_up), fast.silu_mul(gate_up))
     torch.testing.assert_close(portable.rms_norm(x, w, 1e-5), fast.rms_norm(x, w, 1e-5))
     for heads, kv_heads, dim in ((4, 2, 16), (9, 3, 64)):  # head size 64: the register-blocked vector paths
-        qd = torch.randn(2, heads, dim, generator=g)
+        qd = torch.randn(4, heads, dim, generator=g)  # 4 rows: whole-row tasks on two threads
         cache_k, cache_v = torch.randn(16, kv_heads, dim, generator=g).half(), torch.randn(16, kv_heads, dim, generator=g).half()
-        tables, lens = torch.tensor([[0, 1, 2], [3, 2, 0]], dtype=torch.int32), torch.tensor([11, 6], dtype=torch.int32)
+        tables = torch.tensor([[0, 1, 2], [3, 2, 0], [1, 0, 0], [2, 3, 1]], dtype=torch.int32)
+        lens = torch.tensor([11, 6, 3, 12], dtype=torch.int32)
         torch.testing.assert_close(
             portable.paged_decode_attention(qd, cache_k, cache_v, tables, lens, 4, 0.25),
             fast.paged_decode_attention(qd, cache_k, cache_v, tables, lens, 4, 0.25),
         )
         slots = torch.tensor([5, 3, 0, 9, 12, 1, 7, 2, 15])
         torch.testing.assert_close(
-            portable.prefill_attention(qd.repeat(4, 1, 1)[:7], cache_k, cache_v, slots, 2, 0.25),
-            fast.prefill_attention(qd.repeat(4, 1, 1)[:7], cache_k, cache_v, slots, 2, 0.25),
+            portable.prefill_attention(qd.repeat(2, 1, 1)[:7], cache_k, cache_v, slots, 2, 0.25),
+            fast.prefill_attention(qd.repeat(2, 1, 1)[:7], cache_k, cache_v, slots, 2, 0.25),
         )
 
 
