@@ -211,6 +211,11 @@ def test_rope_and_cache_matches_the_torch_path():
     assert not k_cache[untouched].any() and not v_cache[untouched].any()
     with pytest.raises(RuntimeError, match="slot out of range"):
         torch.ops.phiserve.rope_and_cache(qkv, cos, sin, k_cache, v_cache, torch.tensor([0, 1, 2, 3, 12]), heads, kv_heads)
+    # a float16 cache holds exactly torch's rounding of k and v (values across float16's range)
+    qkv = qkv * torch.logspace(-9, 5, qkv.shape[1])
+    half_k, half_v = torch.zeros(12, kv_heads, dim, dtype=torch.float16), torch.zeros(12, kv_heads, dim, dtype=torch.float16)
+    _, k, v = torch.ops.phiserve.rope_and_cache(qkv, cos, sin, half_k, half_v, slots, heads, kv_heads)
+    assert torch.equal(half_k[slots], k.half()) and torch.equal(half_v[slots], v.half())
 
 
 @needs_kernels
