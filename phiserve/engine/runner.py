@@ -63,12 +63,9 @@ class ModelRunner:
                 decode_tables.append(table[: -(-end // bs)])
                 decode_lens.append(end)
             elif start == 0:
-                prefills.append(PrefillSpan(row, n, None, None))
+                prefills.append(PrefillSpan(row, n, None))
             else:
-                ctx = self._slots(table, end).to(self.device)
-                q_pos = torch.arange(start, end, device=self.device)[:, None]
-                mask = torch.arange(end, device=self.device)[None, :] <= q_pos
-                prefills.append(PrefillSpan(row, n, ctx, mask))
+                prefills.append(PrefillSpan(row, n, self._slots(table, end).to(self.device)))
             if end == seq.num_tokens:
                 logits_rows.append(row + n - 1)
                 samplers.append(seq)

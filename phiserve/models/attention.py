@@ -25,7 +25,15 @@ class PrefillSpan:
     start: int  # first row of the chunk in the flattened batch
     length: int  # number of new tokens
     context_slots: torch.Tensor | None  # [context_len] cache slots incl. the chunk; None = no cached prefix
-    mask: torch.Tensor | None  # [length, context_len] bool, True = attend; None when context_slots is None
+
+    @cached_property
+    def mask(self) -> torch.Tensor:
+        """[length, context_len] bool, True = attend (for torch's SDPA over a cached prefix; our kernel
+        takes the causal limit from the slot count)."""
+        assert self.context_slots is not None
+        end = self.context_slots.numel()
+        device = self.context_slots.device
+        return torch.arange(end, device=device)[None, :] <= torch.arange(end - self.length, end, device=device)[:, None]
 
 
 @dataclass
@@ -107,7 +115,8 @@ def paged_attention(
     if meta is None or k_cache is None:
         return _causal(q, k, v, scale)
     dec = meta.decodes
-    kernel = dec is not None and cpu_kernels.usable(q, kv_cache=k_cache)
+    ours = cpu_kernels.usable(q, kv_cache=k_cache)
+    kernel = dec is not None and ours
     if kernel:
         decoded = torch.ops.phiserve.paged_decode_attention(
             q[dec.start :].contiguous(), k_cache, v_cache, dec.block_tables, dec.context_lens, dec.block_size, scale
@@ -124,7 +133,7 @@ def paged_attention(
             kd = k_cache[slots].to(q.dtype).transpose(1, 2).contiguous()  # [B, KVH, width, D]
             vd = v_cache[slots].to(q.dtype).transpose(1, 2).contiguous()
             out[rows] = _decode_attention(qd, kd, vd, mask, scale).squeeze(2)
-    prefill_kernel = bool(meta.prefills) and cpu_kernels.usable(q, kv_cache=k_cache) and q.shape[-1] % 16 == 0
+    prefill_kernel = ours and q.shape[-1] % 16 == 0
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.length)
         if prefill_kernel:

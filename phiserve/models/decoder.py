@@ -229,7 +229,7 @@ class Decoder(nn.Module):
             attn, mlp = layer.self_attn, layer.mlp
             norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
             linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-            if any(n.dtype != torch.float32 for n in norms) or any(lin.mins is None and lin.packed_format != "q8" for lin in linears):
+            if any(n.dtype != torch.float32 for n in norms) or not all(lin.in_our_format for lin in linears):
                 return [], False
             any_dense = any_dense or any(lin.has_dense for lin in linears)
             packed = [[lin.packed, lin.scales, no_mins if lin.mins is None else lin.mins] for lin in linears]

@@ -45,13 +45,17 @@ class Linear(nn.Module):
             return self._rescored(x)
         if self.packed_format is None:
             return self._dense(x)
-        ours = self.mins is not None or self.packed_format == "q8"
-        if not (self.has_dense or ours) or dense_rows is None or dense_rows == 0:
+        if not (self.has_dense or self.in_our_format) or dense_rows is None or dense_rows == 0:
             return self._packed(x)
         compute_bound = self._dense if self.has_dense else self._dequantized
         if dense_rows >= x.shape[0]:
             return compute_bound(x)
         return torch.cat([compute_bound(x[:dense_rows]), self._packed(x[dense_rows:])])
+
+    @property
+    def in_our_format(self) -> bool:
+        """Packed for our CPU kernels: int4 with mins (our layout) or group-32 int8 ("q8")."""
+        return self.mins is not None or self.packed_format == "q8"
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
@@ -75,7 +79,7 @@ class Linear(nn.Module):
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def _packed(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mins is not None or self.packed_format == "q8":
+        if self.in_our_format:
             return self._our_kernel(x, torch.ops.phiserve.int4_linear, torch.ops.phiserve.int8_linear)
         if self.packed_format == "int4":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(self.scales.dtype), self.packed, quant.INT4_GROUP, self.scales)

@@ -293,7 +293,7 @@ def test_decode_layers_gives_the_bits_of_the_layer_by_layer_decoder(tmp_path, mo
     with torch.inference_mode():
         for n, table in zip(lengths, tables, strict=True):  # each prompt's first n-1 tokens, layer by layer
             slots = torch.tensor([table[p // block] * block + p % block for p in range(n - 1)])
-            meta = AttentionMetadata(slots, prefills=(PrefillSpan(0, n - 1, None, None),))
+            meta = AttentionMetadata(slots, prefills=(PrefillSpan(0, n - 1, None),))
             model(torch.randint(0, VOCAB, (n - 1,), generator=g), torch.arange(n - 1), caches, meta)
     padded = torch.tensor([t + [0] * (3 - len(t)) for t in tables], dtype=torch.int32)
     meta = AttentionMetadata(
@@ -346,8 +346,7 @@ def test_a_prompt_gives_the_same_logits_in_one_chunk_or_over_a_cached_prefix(tmp
         with torch.inference_mode():
             for a, b in itertools.pairwise(bounds):
                 context = None if a == 0 else slots[:b]
-                mask = None if a == 0 else torch.arange(b)[None, :] <= torch.arange(a, b)[:, None]
-                meta = AttentionMetadata(slots[a:b], prefills=(PrefillSpan(0, b - a, context, mask),))
+                meta = AttentionMetadata(slots[a:b], prefills=(PrefillSpan(0, b - a, context),))
                 logits = model(ids[a:b], torch.arange(a, b), caches, meta, torch.tensor([b - a - 1]))
         return logits
 

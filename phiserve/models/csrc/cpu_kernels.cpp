@@ -416,8 +416,8 @@ inline void panel_rows(int64_t R, const float* x, int64_t ldx, int64_t K, const 
 
 template <int Bits>
 at::Tensor dequantized_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor* mins) {
-  const int64_t M = x.size(0), K = x.size(1), NB = qweight.size(0), N = NB * kLanes;
   check_weight_only_args(x, qweight, scales, mins, Bits);
+  const int64_t M = x.size(0), K = x.size(1), NB = qweight.size(0), N = NB * kLanes;
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
   const float* xp = x.data_ptr<float>();
