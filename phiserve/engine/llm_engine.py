@@ -39,6 +39,7 @@ class EngineConfig:
     max_num_seqs: int = 32
     max_model_len: int | None = None  # defaults to the model's context length, capped by the pool
     enable_prefix_caching: bool = True
+    cuda_graphs: bool = True  # on a CUDA device, replay decode-only steps as CUDA graphs
 
 
 @dataclass
@@ -77,7 +78,8 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or model.config.max_position_embeddings, pool_tokens)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
-        self.runner = ModelRunner(model, num_blocks, config.block_size, kv_dtype, device)
+        graphs_for = (config.max_num_seqs, self.max_model_len) if config.cuda_graphs else None
+        self.runner = ModelRunner(model, num_blocks, config.block_size, kv_dtype, device, cuda_graphs_for=graphs_for)
         self.sampler = Sampler(model.config.vocab_size, config.max_num_seqs * 2 + 16, device)
         self._choices: dict[int, _Choice] = {}  # seq_id -> choice
         self._requests: dict[str, list[_Choice]] = {}

@@ -2,13 +2,14 @@
 
 The whole batch (ragged prefill chunks and decodes) is flattened into one row per new token; logits
 are computed only for the rows that sample (the last new token of a sequence that has then computed
-all its tokens).
+all its tokens). On CUDA, decode-only steps replay captured CUDA graphs (``cuda_graphs.py``).
 """
 
 from __future__ import annotations
 
 import torch
 
+from phiserve.engine.cuda_graphs import DecodeGraphs
 from phiserve.engine.scheduler import ScheduledBatch
 from phiserve.engine.sequence import Sequence
 from phiserve.models.attention import AttentionMetadata, DecodeRows, PrefillSpan
@@ -21,12 +22,24 @@ def kv_bytes_per_token(model: Decoder, dtype: torch.dtype) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model: Decoder, num_blocks: int, block_size: int, kv_dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: Decoder,
+        num_blocks: int,
+        block_size: int,
+        kv_dtype: torch.dtype,
+        device: torch.device,
+        cuda_graphs_for: tuple[int, int] | None = None,
+    ) -> None:
+        """``cuda_graphs_for``: (max_num_seqs, max_model_len) to capture decode steps as CUDA graphs
+        (on a CUDA device only)."""
         self.model = model
         self.block_size = block_size
         self.device = device
         cfg = model.config
-        shape = (num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
+        graphs = cuda_graphs_for is not None and device.type == "cuda"
+        # With graphs, one block more than the pool: the scratch block of padding rows (cuda_graphs.py).
+        shape = ((num_blocks + graphs) * block_size, cfg.num_kv_heads, cfg.head_dim)
         # torch.empty: the pool's pages become resident only as blocks are first used. Only slot 0 must
         # hold finite values: padded decode columns point at it (masked, but 0 * NaN would be NaN).
         self.kv_caches = []
@@ -35,6 +48,11 @@ class ModelRunner:
             k[0].zero_()
             v[0].zero_()
             self.kv_caches.append((k, v))
+        self.graphs: DecodeGraphs | None = None
+        self.graph_steps = 0  # decode steps served by a graph replay
+        if graphs:
+            max_num_seqs, max_model_len = cuda_graphs_for
+            self.graphs = DecodeGraphs(model, self.kv_caches, block_size, -(-max_model_len // block_size), max_num_seqs, num_blocks)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:
@@ -52,6 +70,8 @@ class ModelRunner:
         # linears' compute-bound path, the rest the packed decode kernels (see models/linear.py).
         work = sorted(zip(batch.seqs, batch.num_new_tokens, strict=True), key=lambda item: item[1] == 1)
         dense_rows = sum(n for _, n in work if n > 1)
+        if self.graphs is not None and dense_rows == 0 and self.graphs.can_run(batch.seqs):
+            return self._replay(batch.seqs), list(batch.seqs)
         for seq, n in work:
             start, row = seq.num_computed_tokens, len(input_ids)
             end = start + n
@@ -81,6 +101,19 @@ class ModelRunner:
             dense_rows,
         )
         return logits, samplers
+
+    def _replay(self, seqs: list[Sequence]) -> torch.Tensor:
+        """A decode-only step through a CUDA graph; every row samples (its one new token is its last)."""
+        bs = self.block_size
+        positions = [seq.num_computed_tokens for seq in seqs]
+        tables = [seq.block_table[: p // bs + 1] for seq, p in zip(seqs, positions, strict=True)]
+        self.graph_steps += 1
+        return self.graphs.run(
+            [seq.token_ids[p] for seq, p in zip(seqs, positions, strict=True)],
+            positions,
+            [t[p // bs] * bs + p % bs for t, p in zip(tables, positions, strict=True)],
+            tables,
+        )
 
     def _decode_rows(self, start: int, tables: list[list[int]], lengths: list[int]) -> DecodeRows:
         width = max(len(t) for t in tables)

@@ -3,8 +3,9 @@
 The cache of one layer is a flat tensor of slots ``[num_blocks * block_size, num_kv_heads, head_dim]``;
 a slot index is ``block_id * block_size + offset``. The runner builds one ``AttentionMetadata`` per
 step, shared by every layer. Decode rows go through our CPU kernel, which reads the paged cache in
-place (``cpu_kernels.py``), or through torch's matmuls over gathered slots; prefill chunks through our
-causal kernel over the cache (``prefill_attention``), or SDPA where our kernels are not built.
+place (``cpu_kernels.py``), our Triton kernel on CUDA (``triton_attention.py``), or torch's matmuls
+over gathered slots; prefill chunks through our causal kernel over the cache (``prefill_attention``),
+or torch's SDPA (flash attention on CUDA) elsewhere.
 """
 
 from __future__ import annotations
@@ -116,15 +117,21 @@ def paged_attention(
         return _causal(q, k, v, scale)
     dec = meta.decodes
     ours = cpu_kernels.usable(q, kv_cache=k_cache)
-    kernel = dec is not None and ours
-    if kernel:
+    decoded = None
+    if dec is not None and ours:
         decoded = torch.ops.phiserve.paged_decode_attention(
             q[dec.start :].contiguous(), k_cache, v_cache, dec.block_tables, dec.context_lens, dec.block_size, scale
         )
-        if dec.start == 0:  # a decode-only step (most steps): the kernel's output is the whole result
-            return decoded
+    elif dec is not None and q.is_cuda:
+        from phiserve.models import triton_attention  # CUDA builds of torch ship Triton; CPU ones need not
+
+        decoded = triton_attention.paged_decode_attention(
+            q[dec.start :], k_cache, v_cache, dec.block_tables, dec.context_lens, dec.block_size, scale
+        )
+    if decoded is not None and dec.start == 0:  # a decode-only step (most steps): the kernel's output is the whole result
+        return decoded
     out = torch.empty_like(q)
-    if kernel:
+    if decoded is not None:
         out[dec.start :] = decoded
     elif dec is not None:
         for rows, slots, mask in dec.width_groups:

@@ -1,0 +1,95 @@
+"""The CUDA decode attention kernel (Triton): on the GPU where there is one, else in Triton's CPU
+interpreter (the same kernel source, run op by op in NumPy), against float64 attention."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+
+
+@pytest.fixture(scope="module")
+def kernels() -> ModuleType:
+    """The kernel, compiled for the GPU where there is one, else interpreted (tests/conftest.py)."""
+    return importlib.import_module("phiserve.models.triton_attention")
+
+
+def reference(q, k_cache, v_cache, tables, lengths, block_size, scale) -> torch.Tensor:
+    """float64 attention of each row over its context, slot by slot through its block table."""
+    out = []
+    group = q.shape[1] // k_cache.shape[1]
+    for row, n in enumerate(lengths):
+        pos = torch.arange(n)
+        slots = tables[row, pos // block_size].long().cpu() * block_size + pos % block_size
+        k = k_cache.cpu().double()[slots].repeat_interleave(group, dim=1)  # [n, H, D]
+        v = v_cache.cpu().double()[slots].repeat_interleave(group, dim=1)
+        probs = torch.softmax(torch.einsum("hd,nhd->hn", q[row].cpu().double(), k) * scale, dim=-1)
+        out.append(torch.einsum("hn,nhd->hd", probs, v))
+    return torch.stack(out)
+
+
+def make_case(heads: int, kv_heads: int, dim: int, block_size: int, lengths: list[int], dtype: torch.dtype, seed: int = 0):
+    """Caches of 64 blocks; each row's blocks drawn at random (shuffled, never shared), tables padded
+    with zeros to the widest row."""
+    g = torch.Generator().manual_seed(seed)
+    num_blocks = 64
+    k_cache = torch.randn(num_blocks * block_size, kv_heads, dim, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks * block_size, kv_heads, dim, generator=g).to(dtype)
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    width = max(-(-n // block_size) for n in lengths)
+    tables = []
+    for n in lengths:
+        blocks = [perm.pop() for _ in range(-(-n // block_size))]
+        tables.append(blocks + [0] * (width - len(blocks)))
+    q = torch.randn(len(lengths), heads, dim, generator=g).to(dtype)
+    to = {"device": DEVICE}
+    return (
+        q.to(**to), k_cache.to(**to), v_cache.to(**to),
+        torch.tensor(tables, dtype=torch.int32, device=DEVICE), torch.tensor(lengths, dtype=torch.int32, device=DEVICE),
+    )  # fmt: skip
+
+
+CASES = {
+    # GQA 4:1, head dim 64, lengths on both sides of the kernel's 32-token step
+    "gqa4": (8, 2, 64, 4, [1, 5, 31, 32, 33, 70]),
+    # 3 query heads per KV head and head dim 48: both padded inside the kernel
+    "padded": (9, 3, 48, 16, [17, 64, 100]),
+    # Phi-4's shape: 40 heads over 10 KV heads, head dim 128
+    "phi4": (40, 10, 128, 16, [3, 129]),
+}
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])  # NumPy, under the interpreter, has no bfloat16
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_float64_attention(kernels, case, dtype) -> None:
+    heads, kv_heads, dim, block_size, lengths = CASES[case]
+    q, k, v, tables, lens = make_case(heads, kv_heads, dim, block_size, lengths, dtype)
+    scale = dim**-0.5
+    got = kernels.paged_decode_attention(q, k, v, tables, lens, block_size, scale)
+    assert got.dtype == dtype and got.shape == q.shape
+    want = reference(q, k, v, tables, lengths, block_size, scale)
+    torch.testing.assert_close(got.cpu().double(), want, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+def test_a_row_gives_the_same_bits_alone_or_batched(kernels) -> None:
+    heads, kv_heads, dim, block_size, lengths = CASES["gqa4"]
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    q, k, v, tables, lens = make_case(heads, kv_heads, dim, block_size, lengths, dtype, seed=1)
+    batched = kernels.paged_decode_attention(q, k, v, tables, lens, block_size, 0.125)
+    for row in range(len(lengths)):
+        alone = kernels.paged_decode_attention(q[row : row + 1], k, v, tables[row : row + 1], lens[row : row + 1], block_size, 0.125)
+        assert torch.equal(alone[0], batched[row]), row
+
+
+def test_rejects_caches_that_do_not_fit(kernels) -> None:
+    q, k, v, tables, lens = make_case(8, 3, 64, 4, [5], torch.float32)  # 8 heads over 3 KV heads
+    with pytest.raises(ValueError, match="does not fit"):
+        kernels.paged_decode_attention(q, k, v, tables, lens, 4, 0.125)
