@@ -26,9 +26,9 @@ def serve(
     device: str = typer.Option("auto", help="auto|cpu|cuda"),
     threads: int = typer.Option(None, help="Torch CPU threads (default: all cores)."),
     block_size: int = typer.Option(16, help="Tokens per KV cache block."),
-    kv_cache_memory: float = typer.Option(0.5, help="KV cache pool size in GiB."),
-    max_num_batched_tokens: int = typer.Option(512, help="Token budget of one engine step."),
-    max_num_seqs: int = typer.Option(32, help="Most sequences running at once."),
+    kv_cache_memory: float = typer.Option(None, help="KV cache pool size in GiB. Default: 0.5 on CPU; on CUDA 90% of the memory free after loading."),
+    max_num_batched_tokens: int = typer.Option(None, help="Token budget of one engine step. Default: 512 on CPU, 2048 on CUDA."),
+    max_num_seqs: int = typer.Option(None, help="Most sequences running at once. Default: 32 on CPU, 64 on CUDA."),
     max_model_len: int = typer.Option(None, help="Context length (default: the model's, capped by the KV pool)."),
     no_prefix_caching: bool = typer.Option(False, help="Disable prefix caching."),
     enforce_eager: bool = typer.Option(False, help="On CUDA, run decode steps eagerly instead of replaying CUDA graphs."),
@@ -57,12 +57,22 @@ def serve(
         threads=threads,
         engine=EngineConfig(
             block_size=block_size,
-            kv_cache_bytes=int(kv_cache_memory * 2**30),
-            max_num_batched_tokens=max_num_batched_tokens,
-            max_num_seqs=max_num_seqs,
             max_model_len=max_model_len,
             enable_prefix_caching=not no_prefix_caching,
             cuda_graphs=not enforce_eager,
+            # unset: the device's defaults (host.py)
+            **({} if kv_cache_memory is None else {"kv_cache_bytes": int(kv_cache_memory * 2**30)}),
+            **({} if max_num_batched_tokens is None else {"max_num_batched_tokens": max_num_batched_tokens}),
+            **({} if max_num_seqs is None else {"max_num_seqs": max_num_seqs}),
+        ),
+        engine_sized_by_device=frozenset(
+            name
+            for name, value in (
+                ("kv_cache_bytes", kv_cache_memory),
+                ("max_num_batched_tokens", max_num_batched_tokens),
+                ("max_num_seqs", max_num_seqs),
+            )
+            if value is None
         ),
         input_price=input_price,
         output_price=output_price,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -33,6 +34,28 @@ class ServeOptions:
     output_price: float | None = None
     api_key: str | None = None
     engine_on_caller_thread: bool = False  # the CLI loads the model and drives the engine from its main thread
+    # EngineConfig fields the user left unset: on CUDA they get CUDA_ENGINE_DEFAULTS (on CPU the
+    # EngineConfig defaults stand)
+    engine_sized_by_device: frozenset[str] = frozenset()
+
+
+# A GPU runs many more rows per step for about the cost of one, and holds far more cache than 0.5 GiB:
+# defaults in vLLM's spirit (its gpu_memory_utilization is 0.9 of the whole card; ours is 0.9 of what
+# is free once the weights are in, which leaves room for activations and CUDA graphs).
+CUDA_ENGINE_DEFAULTS = {"max_num_batched_tokens": 2048, "max_num_seqs": 64}
+CUDA_KV_CACHE_FRACTION = 0.9
+
+
+def engine_config_for(options: ServeOptions, device: torch.device) -> EngineConfig:
+    """The engine settings, the ones left unset sized for the device (call once the weights are loaded)."""
+    unset = options.engine_sized_by_device
+    if device.type != "cuda" or not unset:
+        return options.engine
+    sized = {name: value for name, value in CUDA_ENGINE_DEFAULTS.items() if name in unset}
+    if "kv_cache_bytes" in unset:
+        free, _ = torch.cuda.mem_get_info(device)
+        sized["kv_cache_bytes"] = int(free * CUDA_KV_CACHE_FRACTION)
+    return dataclasses.replace(options.engine, **sized)
 
 
 def pick_device(name: str) -> torch.device:
@@ -107,7 +130,7 @@ class ModelHost:
         self.stop_token_ids = stop_token_ids(self.tokenizer, self.template, eos_ids)
         self.prices = Prices.for_model(self.name, options.input_price, options.output_price)
         self.ledger = UsageLedger(self.name, registry)
-        llm = LLMEngine(model, self.tokenizer, options.engine, device, kv_dtype=dtype)
+        llm = LLMEngine(model, self.tokenizer, engine_config_for(options, device), device, kv_dtype=dtype)
         self.max_model_len = llm.max_model_len
         self.grammars = llm.grammars  # the API validates grammars against the engine's tokenizer up front
         self.engine = AsyncEngine(llm, on_finish=self.ledger.record)

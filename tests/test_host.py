@@ -7,7 +7,7 @@ import torch
 
 from phiserve.engine.llm_engine import EngineConfig, LLMEngine
 from phiserve.engine.sampling_params import SamplingParams
-from phiserve.host import pick_precision
+from phiserve.host import ServeOptions, engine_config_for, pick_precision
 from phiserve.models import cpu_kernels
 from phiserve.models.config import ModelConfig
 from phiserve.models.decoder import Decoder
@@ -55,3 +55,8 @@ def test_bf16_engine_like_the_cuda_path():
         for _ in range(8):
             ids.append(int(model(torch.tensor(ids), torch.arange(len(ids)))[-1].argmax()))
     assert tokens["a"] == ids[40:]
+
+
+def test_engine_settings_left_unset_keep_the_cpu_defaults_on_cpu() -> None:
+    options = ServeOptions(engine=EngineConfig(block_size=8), engine_sized_by_device=frozenset({"kv_cache_bytes", "max_num_seqs"}))
+    assert engine_config_for(options, torch.device("cpu")) == EngineConfig(block_size=8)

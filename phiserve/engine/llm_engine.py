@@ -261,4 +261,6 @@ class LLMEngine:
             "num_preemptions": self.scheduler.num_preemptions,
             "prefix_cache_hit_tokens": bm.prefix_hits,
             "max_model_len": self.max_model_len,
+            "block_size": bm.block_size,
+            "cuda_graph_steps": self.runner.graph_steps,
         }

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 import torch
 from tokenizers import Tokenizer as HFTokenizer
@@ -64,14 +65,20 @@ def test_eight_clients_at_once(served) -> None:
     assert got == [answers[i] for i in range(8)]
 
 
-def test_bfloat16_server_answers(tmp_path) -> None:
-    """The default precision on CUDA (bf16 weights and activations, as Phi-4 ships)."""
+def test_bfloat16_server_with_the_gpu_defaults(tmp_path) -> None:
+    """As a user starts it on a GPU: bf16 weights and activations (Phi-4's dtype), the KV pool and
+    step sizes left to their CUDA defaults, decode steps replayed as graphs."""
     folder = mini.write_checkpoint(tmp_path / NAME, mini.make_model(seed=1), release="fixed")
-    server = start_server("--model", str(folder), "--device", "cuda", "--kv-cache-memory", "0.05")
+    server = start_server("--model", str(folder), "--device", "cuda")
     try:
-        reply = server.client().chat.completions.create(model=NAME, messages=question(2), max_tokens=12, seed=7)
+        client = server.client()
+        reply = client.chat.completions.create(model=NAME, messages=question(2), max_tokens=12, seed=7)
         assert 1 <= reply.usage.completion_tokens <= 12 and reply.choices[0].finish_reason in ("stop", "length")
-        again = server.client().chat.completions.create(model=NAME, messages=question(2), max_tokens=12, seed=7)
+        again = client.chat.completions.create(model=NAME, messages=question(2), max_tokens=12, seed=7)
         assert again.choices[0].message.content == reply.choices[0].message.content  # same seed, same text
+        engine = httpx.get(server.base_url + "/stats").json()["engine"]
+        per_token = 2 * mini.LAYERS * mini.KV_HEADS * mini.HEAD_DIM * 2
+        assert engine["num_blocks"] * engine["block_size"] * per_token > 2**30  # most of the card, not the CPU's 0.5 GiB
+        assert engine["cuda_graph_steps"] > 0
     finally:
         stop_server(server)

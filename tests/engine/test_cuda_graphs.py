@@ -103,12 +103,13 @@ def test_bfloat16_graphs_give_the_eager_logits(miniature) -> None:
 
         def recording(batch, run=run, seen=seen):  # noqa: ANN001, ANN202
             out = run(batch)
-            if not seen and len(batch.seqs) == 5 and all(n == 1 for n in batch.num_new_tokens):
-                seen.append(out[0].float().cpu())  # the first step that decodes all five
+            if not seen and len(batch.seqs) >= 3 and all(n == 1 for n in batch.num_new_tokens):
+                seen.append(out[0].float().cpu())  # the first decode-only step of three rows or more
             return out
 
         engine.runner.run = recording
-        generate(engine, prompts[:5], max_tokens=3)
+        generate(engine, prompts, max_tokens=8)
         logits[graphs] = seen[0]
         assert (engine.runner.graph_steps > 0) == graphs
+    assert logits[True].shape == logits[False].shape  # the same step: both engines schedule alike
     torch.testing.assert_close(logits[True], logits[False], atol=0.05, rtol=0.02)
