@@ -3,7 +3,7 @@
 The cache of one layer is a flat tensor of slots ``[num_blocks * block_size, num_kv_heads, head_dim]``;
 a slot index is ``block_id * block_size + offset``. The runner builds one ``AttentionMetadata`` per
 step, shared by every layer. Decode rows go through our CPU kernel, which reads the paged cache in
-place (``cpu_kernels.py``), our Triton kernel on CUDA (``triton_attention.py``), or torch's matmuls
+place (``cpu_kernels.py``), our Triton kernel on CUDA (``triton_kernels.py``), or torch's matmuls
 over gathered slots; prefill chunks through our causal kernel over the cache (``prefill_attention``),
 or torch's SDPA (flash attention on CUDA) elsewhere.
 """
@@ -123,9 +123,9 @@ def paged_attention(
             q[dec.start :].contiguous(), k_cache, v_cache, dec.block_tables, dec.context_lens, dec.block_size, scale
         )
     elif dec is not None and q.is_cuda:
-        from phiserve.models import triton_attention  # CUDA builds of torch ship Triton; CPU ones need not
+        from phiserve.models import triton_kernels  # CUDA builds of torch ship Triton; CPU ones need not
 
-        decoded = triton_attention.paged_decode_attention(
+        decoded = triton_kernels.paged_decode_attention(
             q[dec.start :], k_cache, v_cache, dec.block_tables, dec.context_lens, dec.block_size, scale
         )
     if decoded is not None and dec.start == 0:  # a decode-only step (most steps): the kernel's output is the whole result

@@ -105,6 +105,12 @@ class Attention(nn.Module):
             q, k, v = torch.ops.phiserve.rope_and_cache(
                 qkv, cos.view(T, -1), sin.view(T, -1), k_cache, v_cache, meta.slot_mapping, self.num_heads, self.num_kv_heads
             )
+        elif k_cache is not None and meta is not None and qkv.is_cuda:
+            from phiserve.models import triton_kernels  # the same op on CUDA, in Triton
+
+            q, k, v = triton_kernels.rope_and_cache(
+                qkv, cos.view(T, -1), sin.view(T, -1), k_cache, v_cache, meta.slot_mapping, self.num_heads, self.num_kv_heads
+            )
         else:
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q = apply_rope(q.view(T, self.num_heads, self.head_dim), cos, sin)

@@ -1,5 +1,6 @@
-"""The CUDA decode attention kernel (Triton): on the GPU where there is one, else in Triton's CPU
-interpreter (the same kernel source, run op by op in NumPy), against float64 attention."""
+"""Our CUDA kernels (Triton): on the GPU where there is one, else in Triton's CPU interpreter (the
+same kernel source, run op by op in NumPy). Decode attention against float64 attention, rope + cache
+write against the torch expression it replaces."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ DEVICE = torch.device("cuda" if CUDA else "cpu")
 @pytest.fixture(scope="module")
 def kernels() -> ModuleType:
     """The kernel, compiled for the GPU where there is one, else interpreted (tests/conftest.py)."""
-    return importlib.import_module("phiserve.models.triton_attention")
+    return importlib.import_module("phiserve.models.triton_kernels")
 
 
 def reference(q, k_cache, v_cache, tables, lengths, block_size, scale) -> torch.Tensor:
@@ -35,10 +36,10 @@ def reference(q, k_cache, v_cache, tables, lengths, block_size, scale) -> torch.
 
 
 def make_case(heads: int, kv_heads: int, dim: int, block_size: int, lengths: list[int], dtype: torch.dtype, seed: int = 0):
-    """Caches of 64 blocks; each row's blocks drawn at random (shuffled, never shared), tables padded
-    with zeros to the widest row."""
+    """Caches with a few blocks to spare; each row's blocks drawn at random (shuffled, never shared),
+    tables padded with zeros to the widest row."""
     g = torch.Generator().manual_seed(seed)
-    num_blocks = 64
+    num_blocks = sum(-(-n // block_size) for n in lengths) + 4
     k_cache = torch.randn(num_blocks * block_size, kv_heads, dim, generator=g).to(dtype)
     v_cache = torch.randn(num_blocks * block_size, kv_heads, dim, generator=g).to(dtype)
     perm = torch.randperm(num_blocks, generator=g).tolist()
@@ -56,8 +57,9 @@ def make_case(heads: int, kv_heads: int, dim: int, block_size: int, lengths: lis
 
 
 CASES = {
-    # GQA 4:1, head dim 64, lengths on both sides of the kernel's 32-token step
-    "gqa4": (8, 2, 64, 4, [1, 5, 31, 32, 33, 70]),
+    # GQA 4:1, head dim 64; lengths on both sides of the kernel's 64-token step, one split in eight
+    # ranges of 128
+    "gqa4": (8, 2, 64, 4, [1, 5, 63, 64, 65, 130, 1000]),
     # 3 query heads per KV head and head dim 48: both padded inside the kernel
     "padded": (9, 3, 48, 16, [17, 64, 100]),
     # Phi-4's shape: 40 heads over 10 KV heads, head dim 128
@@ -93,3 +95,37 @@ def test_rejects_caches_that_do_not_fit(kernels) -> None:
     q, k, v, tables, lens = make_case(8, 3, 64, 4, [5], torch.float32)  # 8 heads over 3 KV heads
     with pytest.raises(ValueError, match="does not fit"):
         kernels.paged_decode_attention(q, k, v, tables, lens, 4, 0.125)
+
+
+ROPE_CASES = {"d64": (4, 2, 64), "d48": (3, 1, 48), "phi4": (40, 10, 128)}
+
+
+@pytest.mark.parametrize("case", ROPE_CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rope_and_cache_matches_the_torch_expression(kernels, case, dtype) -> None:
+    from phiserve.models.decoder import apply_rope
+
+    heads, kv_heads, dim = ROPE_CASES[case]
+    tokens, slots_total = 7, 40
+    g = torch.Generator().manual_seed(2)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=g).to(dtype)
+    angles = torch.randint(0, 5000, (tokens, 1), generator=g) * torch.rand(dim // 2, generator=g)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    slots = torch.randperm(slots_total, generator=g)[:tokens]
+    sentinel = torch.full((slots_total, kv_heads, dim), 7.0, dtype=dtype)
+    k_cache, v_cache = sentinel.clone().to(DEVICE), sentinel.clone().to(DEVICE)
+
+    q, k, v = kernels.rope_and_cache(
+        qkv.to(DEVICE), cos.to(DEVICE), sin.to(DEVICE), k_cache, v_cache, slots.to(DEVICE), heads, kv_heads
+    )
+    split = qkv.float().split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    want_q = apply_rope(split[0].view(tokens, heads, dim), cos.float()[:, None], sin.float()[:, None])
+    want_k = apply_rope(split[1].view(tokens, kv_heads, dim), cos.float()[:, None], sin.float()[:, None])
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(q.cpu().float(), want_q, atol=tol, rtol=tol)  # computed in fp32, rounded once
+    torch.testing.assert_close(k.cpu().float(), want_k, atol=tol, rtol=tol)
+    assert torch.equal(v.cpu(), qkv[:, (heads + kv_heads) * dim :].view(tokens, kv_heads, dim))
+    assert torch.equal(k_cache[slots].cpu(), k.cpu()) and torch.equal(v_cache[slots].cpu(), v.cpu())
+    untouched = torch.ones(slots_total, dtype=torch.bool)
+    untouched[slots] = False
+    assert torch.equal(k_cache.cpu()[untouched], sentinel[untouched]) and torch.equal(v_cache.cpu()[untouched], sentinel[untouched])
