@@ -86,15 +86,17 @@ class DecodeGraphs:
         until the next replay."""
         n = len(input_ids)
         size = next(s for s in self.sizes if s >= n)
-        width = self.block_tables.shape[1]
-        scratch_slot = self.scratch_block * self.block_size
-        # one host-to-device copy per buffer; padding rows reset to the scratch row
         pad = size - n
+        scratch_slot = self.scratch_block * self.block_size
+        # one host-to-device copy per buffer; padding rows get the scratch row. Block tables only up
+        # to the batch's widest row: the kernel never reads a column past a row's length (filling all
+        # max_model_len / block_size columns from Python cost milliseconds at 64 rows).
         self.input_ids[:size].copy_(torch.tensor(input_ids + [0] * pad))
         self.positions[:size].copy_(torch.tensor(positions + [0] * pad))
         self.slot_mapping[:size].copy_(torch.tensor(slots + [scratch_slot] * pad))
         self.context_lens[:size].copy_(torch.tensor([p + 1 for p in positions] + [1] * pad, dtype=torch.int32))
+        width = max(len(t) for t in tables)
         table_rows = [t + [self.scratch_block] * (width - len(t)) for t in tables] + [[self.scratch_block] * width] * pad
-        self.block_tables[:size].copy_(torch.tensor(table_rows, dtype=torch.int32))
+        self.block_tables[:size, :width].copy_(torch.tensor(table_rows, dtype=torch.int32))
         self.graphs[size].replay()
         return self.logits[size][:n]
