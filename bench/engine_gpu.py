@@ -121,6 +121,7 @@ def main() -> None:
     parser.add_argument("--prefill-tokens", type=int, default=4096, help="one prompt of this length, max_tokens=1")
     parser.add_argument("--kv-cache-gib", type=float, default=16.0)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--modes", nargs="+", choices=["graphs", "eager"], default=["graphs", "eager"], help="in this order")
     parser.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test this script")
     parser.add_argument("--out", type=Path, help="also write the results here (JSON)")
     args = parser.parse_args()
@@ -136,7 +137,7 @@ def main() -> None:
     rng = random.Random(0)
     results = {"device": torch.cuda.get_device_name() if on_gpu else "cpu", "torch": torch.__version__, "shape": args.shape, "weights_gib": round(weights_gib, 2), "runs": []}
     print(f"{args.shape}: {weights_gib:.1f} GiB of bf16 weights on {results['device']} in {time.perf_counter() - t0:.1f} s", flush=True)
-    for graphs in (True, False):
+    for graphs in (mode == "graphs" for mode in args.modes):
         config = EngineConfig(
             block_size=16,
             kv_cache_bytes=int(args.kv_cache_gib * 2**30),
