@@ -49,6 +49,12 @@ def serve(
     except ModelNotFoundError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2) from None
+    # left unset (None): the device's defaults (host.py)
+    sized = {
+        "kv_cache_bytes": None if kv_cache_memory is None else int(kv_cache_memory * 2**30),
+        "max_num_batched_tokens": max_num_batched_tokens,
+        "max_num_seqs": max_num_seqs,
+    }
     options = ServeOptions(
         model=model,
         served_model_name=served_model_name,
@@ -60,20 +66,9 @@ def serve(
             max_model_len=max_model_len,
             enable_prefix_caching=not no_prefix_caching,
             cuda_graphs=not enforce_eager,
-            # unset: the device's defaults (host.py)
-            **({} if kv_cache_memory is None else {"kv_cache_bytes": int(kv_cache_memory * 2**30)}),
-            **({} if max_num_batched_tokens is None else {"max_num_batched_tokens": max_num_batched_tokens}),
-            **({} if max_num_seqs is None else {"max_num_seqs": max_num_seqs}),
+            **{name: value for name, value in sized.items() if value is not None},
         ),
-        engine_sized_by_device=frozenset(
-            name
-            for name, value in (
-                ("kv_cache_bytes", kv_cache_memory),
-                ("max_num_batched_tokens", max_num_batched_tokens),
-                ("max_num_seqs", max_num_seqs),
-            )
-            if value is None
-        ),
+        engine_sized_by_device=frozenset(name for name, value in sized.items() if value is None),
         input_price=input_price,
         output_price=output_price,
         api_key=api_key,
