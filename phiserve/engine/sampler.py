@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from phiserve.engine.sampling_params import SamplingParams
+from phiserve.models import cpu_kernels
 
 _U64_MASK = (1 << 64) - 1
 _NEG_INF = float("-inf")
@@ -325,6 +326,8 @@ class Sampler:
         rows_t = torch.tensor(rows, dtype=torch.long, device=self.device)
         whole_batch = len(rows) == x.shape[0]  # rows ascend: then they are all of x, no copy needed
         xs, tbl = (x, table) if whole_batch else (x.index_select(0, rows_t), table.index_select(0, rows_t))
+        if cpu_kernels.usable(xs):
+            return self._draw_candidates_kernel(xs, tbl, rows, rows_t, u, width, tokens)
         vals, ids = torch.topk(xs, width, dim=-1)  # descending
         k = tbl[:, _TOP_K : _TOP_K + 1].long()
         k_on = (k > 0) & (k < v)
@@ -355,6 +358,27 @@ class Sampler:
         picked = sorted_ids.gather(1, self._draw(probs, [u[i] for i in rows]).unsqueeze(1)).squeeze(1)
         done = resolved.squeeze(1).tolist()
         take = torch.tensor([j for j, ok in enumerate(done) if ok], dtype=torch.long, device=self.device)
+        tokens[rows_t[take]] = picked[take]
+        return [row for row, ok in zip(rows, done, strict=True) if not ok]
+
+    def _draw_candidates_kernel(
+        self, xs: torch.Tensor, tbl: torch.Tensor, rows: list[int], rows_t: torch.Tensor, u: dict[int, float], width: int, tokens: torch.Tensor
+    ) -> list[int]:
+        """_draw_candidates in one call of our CPU kernel (same semantics, one selection scan per row
+        instead of ~60 small torch ops: ~1 ms a row here)."""
+        top_k, top_p = tbl[:, _TOP_K].long(), tbl[:, _TOP_P]
+        k_on = (top_k > 0) & (top_k < self.vocab_size)
+        whole = (top_p < 1.0) & ~k_on  # their top-p mass is over the whole row
+        row_lse = torch.logsumexp(xs, dim=-1) if bool(whole.any()) else torch.zeros(len(rows))
+        picked = torch.ops.phiserve.sample_candidates(
+            xs.contiguous(), top_k, top_p.contiguous(), tbl[:, _MIN_P].contiguous(),
+            torch.tensor([u[i] for i in rows], dtype=torch.float64), row_lse, width,
+        )  # fmt: skip
+        done = (picked >= 0).tolist()
+        if all(done):
+            tokens[rows_t] = picked
+            return []
+        take = torch.tensor([j for j, ok in enumerate(done) if ok], dtype=torch.long)
         tokens[rows_t[take]] = picked[take]
         return [row for row, ok in zip(rows, done, strict=True) if not ok]
 

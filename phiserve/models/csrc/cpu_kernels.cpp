@@ -1,7 +1,7 @@
 // CPU kernels: int4/int8 weight-only linear layers (decode rows: int16 activations against the packed
 // weights; prefill rows: fp32 against the weights dequantized a panel at a time), attention of decode
-// rows over the paged KV cache, rope + KV write, silu * up, RMSNorm with the residual add fused, and
-// all the layers of a decode-only step in one call.
+// rows over the paged KV cache, rope + KV write, silu * up, RMSNorm with the residual add fused, all
+// the layers of a decode-only step in one call, and the sampler's filtered draw.
 //
 // Every kernel computes each row with the same sequence of operations whatever else is in the batch
 // (no reduction is split by batch size), so a request's tokens do not depend on the load.
@@ -928,6 +928,118 @@ at::Tensor decode_layers(const at::Tensor& x, const at::Tensor& cos, const at::T
   return delta;
 }
 
+// ---- sampler: top-k / top-p / min-p draws within each row's `width` most likely tokens -------------
+// The semantics of Sampler._draw_candidates (engine/sampler.py), one row per task, with no
+// full-vocabulary pass but one selection scan: top-k and top-p cut at a logit value (ties kept), the
+// top-p mass is normalised over the row's top-k survivors (over the whole row, `row_lse`, without
+// top-k), min-p is relative to the most likely survivor, and the draw walks the survivors in token-id
+// order by inverse CDF (float64) with the row's uniform `u`. A row whose survivors may reach past its
+// slice returns -1: the caller retries it wider.
+struct Candidate {
+  float value;
+  int64_t id;
+};
+
+int64_t sample_row(const float* x, int64_t V, int64_t W, int64_t k, float top_p, float min_p, double u, float row_lse,
+                   std::vector<Candidate>& slice, std::vector<float>& probs) {
+  // the W largest logits (a min-heap of the best so far; most tokens fail the first comparison)
+  slice.clear();
+  auto smaller = [](const Candidate& a, const Candidate& b) { return a.value > b.value; };
+  const int64_t fill = std::min(W, V);
+  for (int64_t i = 0; i < fill; ++i) slice.push_back({x[i], i});
+  std::make_heap(slice.begin(), slice.end(), smaller);
+  auto offer = [&](int64_t i) {
+    if (x[i] > slice.front().value) {
+      std::pop_heap(slice.begin(), slice.end(), smaller);
+      slice.back() = {x[i], i};
+      std::push_heap(slice.begin(), slice.end(), smaller);
+    }
+  };
+  int64_t i = fill;
+#ifdef PHISERVE_AVX2
+  // eight logits at a time against the heap's smallest: almost every group has none above it
+  for (; i + 8 <= V; i += 8) {
+    const __m256 above = _mm256_cmp_ps(_mm256_loadu_ps(x + i), _mm256_set1_ps(slice.front().value), _CMP_GT_OQ);
+    if (_mm256_movemask_ps(above) == 0) continue;
+    for (int64_t j = i; j < i + 8; ++j) offer(j);
+  }
+#endif
+  for (; i < V; ++i) offer(i);
+  std::sort(slice.begin(), slice.end(), [](const Candidate& a, const Candidate& b) { return a.value > b.value; });
+  const bool k_on = k > 0 && k < V;
+  const float kth = slice[(k_on ? std::min(k, W) : W) - 1].value;
+  const float last = slice[W - 1].value;
+  const bool k_inside = k_on && last < kth;
+  const bool p_on = top_p < 1.0f;
+  bool resolved = k_inside && !p_on;
+  int64_t n = 0;  // survivors: slice[0, n) (values descending; every cut keeps a prefix)
+  while (n < W && slice[n].value >= kth) ++n;
+  if (p_on) {
+    float lse = row_lse;
+    if (k_inside) {
+      float sum = 0.0f;
+      for (int64_t j = 0; j < n; ++j) sum += std::exp(slice[j].value - slice[0].value);
+      lse = slice[0].value + std::log(sum);
+    }
+    float cum = 0.0f;
+    int64_t n_keep = 0;
+    for (int64_t j = 0; j < W; ++j) {
+      const float p = j < n ? std::exp(slice[j].value - lse) : 0.0f;
+      cum += p;
+      if (cum - p < top_p) ++n_keep;  // the strictly more likely tokens hold < top_p of the mass
+    }
+    const float cut = slice[std::max<int64_t>(n_keep, 1) - 1].value;
+    const bool nucleus_inside = cum >= top_p && last < cut;
+    resolved = k_inside || (!k_on && nucleus_inside);
+    while (n > 1 && slice[n - 1].value < cut) --n;
+  }
+  if (!resolved) return -1;
+  // min-p: the survivors' probabilities relative to the most likely one (slice[0])
+  const float top = slice[0].value;
+  float sum = 0.0f;
+  for (int64_t j = 0; j < n; ++j) sum += std::exp(slice[j].value - top);
+  const float first = 1.0f / sum;
+  while (n > 1 && std::exp(slice[n - 1].value - top) / sum < min_p * first) --n;
+  std::sort(slice.begin(), slice.begin() + n, [](const Candidate& a, const Candidate& b) { return a.id < b.id; });
+  probs.resize(n);
+  float total = 0.0f;
+  for (int64_t j = 0; j < n; ++j) total += probs[j] = std::exp(slice[j].value - top);
+  double cdf_total = 0.0;
+  for (int64_t j = 0; j < n; ++j) cdf_total += static_cast<double>(probs[j] / total);
+  const double target = u * cdf_total;
+  double cdf = 0.0;
+  for (int64_t j = 0; j < n; ++j) {
+    cdf += static_cast<double>(probs[j] / total);
+    if (cdf > target) return slice[j].id;
+  }
+  return slice[n - 1].id;
+}
+
+at::Tensor sample_candidates(const at::Tensor& x, const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& min_p,
+                             const at::Tensor& u, const at::Tensor& row_lse, int64_t width) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "sample_candidates: x must be contiguous float32 [R, V]");
+  const int64_t R = x.size(0), V = x.size(1);
+  TORCH_CHECK(width >= 1 && width <= V, "sample_candidates: width must be in [1, V]");
+  TORCH_CHECK(top_k.scalar_type() == at::kLong && top_p.scalar_type() == at::kFloat && min_p.scalar_type() == at::kFloat &&
+                  u.scalar_type() == at::kDouble && row_lse.scalar_type() == at::kFloat,
+              "sample_candidates: top_k int64, top_p/min_p/row_lse float32, u float64");
+  TORCH_CHECK(top_k.numel() == R && top_p.numel() == R && min_p.numel() == R && u.numel() == R && row_lse.numel() == R,
+              "sample_candidates: one parameter per row");
+  auto k = top_k.contiguous(), p = top_p.contiguous(), mp = min_p.contiguous(), uu = u.contiguous(), lse = row_lse.contiguous();
+  at::Tensor out = at::empty({R}, x.options().dtype(at::kLong));
+  const float* xp = x.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<Candidate> slice;
+    std::vector<float> probs;
+    slice.reserve(width);
+    for (int64_t r = r0; r < r1; ++r)
+      op[r] = sample_row(xp + r * V, V, width, k.data_ptr<int64_t>()[r], p.data_ptr<float>()[r], mp.data_ptr<float>()[r],
+                         uu.data_ptr<double>()[r], lse.data_ptr<float>()[r], slice, probs);
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(phiserve, m) {
@@ -944,6 +1056,7 @@ TORCH_LIBRARY(phiserve, m) {
   m.def("decode_layers(Tensor(a!) x, Tensor cos, Tensor sin, Tensor(b!)[] k_caches, Tensor(c!)[] v_caches, Tensor slot_mapping, "
         "Tensor block_tables, Tensor context_lens, int block_size, Tensor[] weights, int num_heads, int num_kv_heads, float eps, "
         "float scale) -> Tensor");
+  m.def("sample_candidates(Tensor x, Tensor top_k, Tensor top_p, Tensor min_p, Tensor u, Tensor row_lse, int width) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(phiserve, CPU, m) {
@@ -958,4 +1071,5 @@ TORCH_LIBRARY_IMPL(phiserve, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("add_rms_norm_", &add_rms_norm_);
   m.impl("decode_layers", &decode_layers);
+  m.impl("sample_candidates", &sample_candidates);
 }
