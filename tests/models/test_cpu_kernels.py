@@ -354,3 +354,21 @@ def test_a_prompt_gives_the_same_logits_in_one_chunk_or_over_a_cached_prefix(tmp
     assert whole.isfinite().all()
     for cuts in ([16], [7, 8], [5, 17, 21]):
         assert torch.equal(prefill(cuts), whole), cuts
+
+
+@needs_kernels
+@pytest.mark.parametrize("k", [1, 64, 1024])
+def test_top_k_indices_match_torch_topk(k):
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(5, 49152, generator=g)
+    x[1, 1000:1200] = 9.0  # a plateau at the top: the kept values still match
+    x[2] = torch.arange(49152.0)  # ascending: every scanned value enters the selection
+    x[3, ::7] = float("-inf")  # banned tokens
+    got = torch.ops.phiserve.top_k_indices(x, k)
+    want_values, want_ids = x.topk(k, dim=-1)
+    assert got.shape == (5, k) and got.dtype == torch.long
+    assert torch.equal(x.gather(1, got), want_values)  # the same values, largest first
+    for row in (0, 2, 3, 4):  # no ties: the same tokens
+        assert torch.equal(got[row], want_ids[row])
+    with pytest.raises(RuntimeError, match="k must be"):
+        torch.ops.phiserve.top_k_indices(x, 49153)

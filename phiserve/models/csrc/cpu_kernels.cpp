@@ -940,9 +940,10 @@ struct Candidate {
   int64_t id;
 };
 
-int64_t sample_row(const float* x, int64_t V, int64_t W, int64_t k, float top_p, float min_p, double u, float row_lse,
-                   std::vector<Candidate>& slice, std::vector<float>& probs) {
-  // the W largest logits (a min-heap of the best so far; most tokens fail the first comparison)
+// The W largest values of x[0, V) into `slice`, largest first: a min-heap of the best so far, fed
+// by a scan that compares eight values at a time against its smallest (almost every group has none
+// above it). Which of several values tied at the boundary is kept depends only on the row.
+void select_top(const float* x, int64_t V, int64_t W, std::vector<Candidate>& slice) {
   slice.clear();
   auto smaller = [](const Candidate& a, const Candidate& b) { return a.value > b.value; };
   const int64_t fill = std::min(W, V);
@@ -957,7 +958,6 @@ int64_t sample_row(const float* x, int64_t V, int64_t W, int64_t k, float top_p,
   };
   int64_t i = fill;
 #ifdef PHISERVE_AVX2
-  // eight logits at a time against the heap's smallest: almost every group has none above it
   for (; i + 8 <= V; i += 8) {
     const __m256 above = _mm256_cmp_ps(_mm256_loadu_ps(x + i), _mm256_set1_ps(slice.front().value), _CMP_GT_OQ);
     if (_mm256_movemask_ps(above) == 0) continue;
@@ -966,6 +966,30 @@ int64_t sample_row(const float* x, int64_t V, int64_t W, int64_t k, float top_p,
 #endif
   for (; i < V; ++i) offer(i);
   std::sort(slice.begin(), slice.end(), [](const Candidate& a, const Candidate& b) { return a.value > b.value; });
+}
+
+// torch.topk(x, k).indices for float32 rows (the rescored output head's candidates), by select_top.
+at::Tensor top_k_indices(const at::Tensor& x, int64_t k) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "top_k_indices: x must be contiguous float32 [R, V]");
+  const int64_t R = x.size(0), V = x.size(1);
+  TORCH_CHECK(k >= 1 && k <= V, "top_k_indices: k must be in [1, V]");
+  at::Tensor out = at::empty({R, k}, x.options().dtype(at::kLong));
+  const float* xp = x.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<Candidate> slice;
+    slice.reserve(k);
+    for (int64_t r = r0; r < r1; ++r) {
+      select_top(xp + r * V, V, k, slice);
+      for (int64_t j = 0; j < k; ++j) op[r * k + j] = slice[j].id;
+    }
+  });
+  return out;
+}
+
+int64_t sample_row(const float* x, int64_t V, int64_t W, int64_t k, float top_p, float min_p, double u, float row_lse,
+                   std::vector<Candidate>& slice, std::vector<float>& probs) {
+  select_top(x, V, W, slice);
   const bool k_on = k > 0 && k < V;
   const float kth = slice[(k_on ? std::min(k, W) : W) - 1].value;
   const float last = slice[W - 1].value;
@@ -1056,6 +1080,7 @@ TORCH_LIBRARY(phiserve, m) {
   m.def("decode_layers(Tensor(a!) x, Tensor cos, Tensor sin, Tensor(b!)[] k_caches, Tensor(c!)[] v_caches, Tensor slot_mapping, "
         "Tensor block_tables, Tensor context_lens, int block_size, Tensor[] weights, int num_heads, int num_kv_heads, float eps, "
         "float scale) -> Tensor");
+  m.def("top_k_indices(Tensor x, int k) -> Tensor");
   m.def("sample_candidates(Tensor x, Tensor top_k, Tensor top_p, Tensor min_p, Tensor u, Tensor row_lse, int width) -> Tensor");
 }
 
@@ -1071,5 +1096,6 @@ TORCH_LIBRARY_IMPL(phiserve, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("add_rms_norm_", &add_rms_norm_);
   m.impl("decode_layers", &decode_layers);
+  m.impl("top_k_indices", &top_k_indices);
   m.impl("sample_candidates", &sample_candidates);
 }
