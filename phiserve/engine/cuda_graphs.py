@@ -16,7 +16,6 @@ import logging
 
 import torch
 
-from phiserve.engine.sequence import Sequence
 from phiserve.models.attention import AttentionMetadata, DecodeRows
 from phiserve.models.decoder import Decoder
 
@@ -73,17 +72,15 @@ class DecodeGraphs:
         torch.cuda.synchronize(device)
         log.info("captured CUDA graphs of decode steps for batch sizes %s", self.sizes)
 
-    def can_run(self, seqs: list[Sequence]) -> bool:
-        """Whether these single-token rows fit a graph: few enough, each sampling its last token,
-        each block table within the buffer's width."""
-        max_context = self.block_tables.shape[1] * self.block_size
-        return len(seqs) <= self.sizes[-1] and all(
-            seq.num_computed_tokens + 1 == seq.num_tokens <= max_context for seq in seqs
-        )
+    def fits(self, tables: list[list[int]]) -> bool:
+        """Whether a decode step with these block tables fits the graphs' buffers."""
+        return len(tables) <= self.sizes[-1] and max(len(t) for t in tables) <= self.block_tables.shape[1]
 
-    def run(self, input_ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]]) -> torch.Tensor:
-        """One decode step of len(input_ids) rows (each samples). Returns logits [rows, vocab], valid
-        until the next replay."""
+    def run(
+        self, input_ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]], lengths: list[int]
+    ) -> torch.Tensor:
+        """One decode step of len(input_ids) rows (each samples; tables and context lengths as
+        DecodeRows holds them). Returns logits [rows, vocab], valid until the next replay."""
         n = len(input_ids)
         size = next(s for s in self.sizes if s >= n)
         pad = size - n
@@ -94,7 +91,7 @@ class DecodeGraphs:
         self.input_ids[:size].copy_(torch.tensor(input_ids + [0] * pad))
         self.positions[:size].copy_(torch.tensor(positions + [0] * pad))
         self.slot_mapping[:size].copy_(torch.tensor(slots + [scratch_slot] * pad))
-        self.context_lens[:size].copy_(torch.tensor([p + 1 for p in positions] + [1] * pad, dtype=torch.int32))
+        self.context_lens[:size].copy_(torch.tensor(lengths + [1] * pad, dtype=torch.int32))
         width = max(len(t) for t in tables)
         table_rows = [t + [self.scratch_block] * (width - len(t)) for t in tables] + [[self.scratch_block] * width] * pad
         self.block_tables[:size, :width].copy_(torch.tensor(table_rows, dtype=torch.int32))

@@ -70,8 +70,6 @@ class ModelRunner:
         # linears' compute-bound path, the rest the packed decode kernels (see models/linear.py).
         work = sorted(zip(batch.seqs, batch.num_new_tokens, strict=True), key=lambda item: item[1] == 1)
         dense_rows = sum(n for _, n in work if n > 1)
-        if self.graphs is not None and dense_rows == 0 and self.graphs.can_run(batch.seqs):
-            return self._replay(batch.seqs), list(batch.seqs)
         for seq, n in work:
             start, row = seq.num_computed_tokens, len(input_ids)
             end = start + n
@@ -89,6 +87,10 @@ class ModelRunner:
             if end == seq.num_tokens:
                 logits_rows.append(row + n - 1)
                 samplers.append(seq)
+        if self.graphs is not None and dense_rows == 0 and len(samplers) == len(work) and self.graphs.fits(decode_tables):
+            # a decode-only step in which every row samples: the captured graph over these rows
+            self.graph_steps += 1
+            return self.graphs.run(input_ids, positions, slots, decode_tables, decode_lens), samplers
         meta = AttentionMetadata(slot_mapping=torch.tensor(slots, device=self.device), prefills=tuple(prefills))
         if decode_lens:
             meta.decodes = self._decode_rows(dense_rows, decode_tables, decode_lens)
@@ -101,19 +103,6 @@ class ModelRunner:
             dense_rows,
         )
         return logits, samplers
-
-    def _replay(self, seqs: list[Sequence]) -> torch.Tensor:
-        """A decode-only step through a CUDA graph; every row samples (its one new token is its last)."""
-        bs = self.block_size
-        positions = [seq.num_computed_tokens for seq in seqs]
-        tables = [seq.block_table[: p // bs + 1] for seq, p in zip(seqs, positions, strict=True)]
-        self.graph_steps += 1
-        return self.graphs.run(
-            [seq.token_ids[p] for seq, p in zip(seqs, positions, strict=True)],
-            positions,
-            [t[p // bs] * bs + p % bs for t, p in zip(tables, positions, strict=True)],
-            tables,
-        )
 
     def _decode_rows(self, start: int, tables: list[list[int]], lengths: list[int]) -> DecodeRows:
         width = max(len(t) for t in tables)

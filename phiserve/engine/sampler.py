@@ -322,12 +322,21 @@ class Sampler:
         token-id order as _draw does over a whole row. `width` is a constant, never the batch's, so
         a row's token does not depend on what else is batched.
         """
-        v = self.vocab_size
         rows_t = torch.tensor(rows, dtype=torch.long, device=self.device)
         whole_batch = len(rows) == x.shape[0]  # rows ascend: then they are all of x, no copy needed
         xs, tbl = (x, table) if whole_batch else (x.index_select(0, rows_t), table.index_select(0, rows_t))
-        if cpu_kernels.usable(xs):
-            return self._draw_candidates_kernel(xs, tbl, rows, rows_t, u, width, tokens)
+        draw = self._candidate_picks_kernel if cpu_kernels.usable(xs) else self._candidate_picks
+        picked, done = draw(xs, tbl, [u[i] for i in rows], width)
+        if all(done):
+            tokens[rows_t] = picked
+            return []
+        take = torch.tensor([j for j, ok in enumerate(done) if ok], dtype=torch.long, device=self.device)
+        tokens[rows_t[take]] = picked[take]
+        return [row for row, ok in zip(rows, done, strict=True) if not ok]
+
+    def _candidate_picks(self, xs: torch.Tensor, tbl: torch.Tensor, u: list[float], width: int) -> tuple[torch.Tensor, list[bool]]:
+        """The torch stages of _draw_candidates: each row's drawn token, and whether it is final."""
+        v = self.vocab_size
         vals, ids = torch.topk(xs, width, dim=-1)  # descending
         k = tbl[:, _TOP_K : _TOP_K + 1].long()
         k_on = (k > 0) & (k < v)
@@ -355,32 +364,21 @@ class Sampler:
         # survivors in token-id order; removed ones sort last with zero probability
         sorted_ids, order = ids.masked_fill(~keep, v).sort(dim=-1)
         probs = torch.softmax(masked.masked_fill_(~keep, _NEG_INF), dim=-1).gather(1, order)
-        picked = sorted_ids.gather(1, self._draw(probs, [u[i] for i in rows]).unsqueeze(1)).squeeze(1)
-        done = resolved.squeeze(1).tolist()
-        take = torch.tensor([j for j, ok in enumerate(done) if ok], dtype=torch.long, device=self.device)
-        tokens[rows_t[take]] = picked[take]
-        return [row for row, ok in zip(rows, done, strict=True) if not ok]
+        picked = sorted_ids.gather(1, self._draw(probs, u).unsqueeze(1)).squeeze(1)
+        return picked, resolved.squeeze(1).tolist()
 
-    def _draw_candidates_kernel(
-        self, xs: torch.Tensor, tbl: torch.Tensor, rows: list[int], rows_t: torch.Tensor, u: dict[int, float], width: int, tokens: torch.Tensor
-    ) -> list[int]:
-        """_draw_candidates in one call of our CPU kernel: the same semantics, one selection scan per
-        row instead of torch.topk and ~60 small torch ops (which took ~1 ms a row here)."""
+    def _candidate_picks_kernel(self, xs: torch.Tensor, tbl: torch.Tensor, u: list[float], width: int) -> tuple[torch.Tensor, list[bool]]:
+        """The same in one call of our CPU kernel: one selection scan per row instead of torch.topk
+        and ~60 small torch ops (which took ~1 ms a row here)."""
         top_k, top_p = tbl[:, _TOP_K].long(), tbl[:, _TOP_P]
         k_on = (top_k > 0) & (top_k < self.vocab_size)
         whole = (top_p < 1.0) & ~k_on  # their top-p mass is over the whole row
-        row_lse = torch.logsumexp(xs, dim=-1) if bool(whole.any()) else torch.zeros(len(rows))
+        row_lse = torch.logsumexp(xs, dim=-1) if bool(whole.any()) else torch.zeros(len(u))
         picked = torch.ops.phiserve.sample_candidates(
             xs.contiguous(), top_k, top_p.contiguous(), tbl[:, _MIN_P].contiguous(),
-            torch.tensor([u[i] for i in rows], dtype=torch.float64), row_lse, width,
+            torch.tensor(u, dtype=torch.float64), row_lse, width,
         )  # fmt: skip
-        done = (picked >= 0).tolist()
-        if all(done):
-            tokens[rows_t] = picked
-            return []
-        take = torch.tensor([j for j, ok in enumerate(done) if ok], dtype=torch.long)
-        tokens[rows_t[take]] = picked[take]
-        return [row for row, ok in zip(rows, done, strict=True) if not ok]
+        return picked, (picked >= 0).tolist()
 
     def _top_k_top_p(self, x: torch.Tensor, table: torch.Tensor, use_k: bool, use_p: bool) -> torch.Tensor:
         # Both filters need only the head of each row's sorted distribution, so take a top-K slice

@@ -117,17 +117,16 @@ def paged_attention(
         return _causal(q, k, v, scale)
     dec = meta.decodes
     ours = cpu_kernels.usable(q, kv_cache=k_cache)
-    decoded = None
+    decode = None  # a kernel that reads the paged cache in place
     if dec is not None and ours:
-        decoded = torch.ops.phiserve.paged_decode_attention(
-            q[dec.start :].contiguous(), k_cache, v_cache, dec.block_tables, dec.context_lens, dec.block_size, scale
-        )
+        decode = torch.ops.phiserve.paged_decode_attention
     elif dec is not None and q.is_cuda:
         from phiserve.models import triton_kernels  # CUDA builds of torch ship Triton; CPU ones need not
 
-        decoded = triton_kernels.paged_decode_attention(
-            q[dec.start :], k_cache, v_cache, dec.block_tables, dec.context_lens, dec.block_size, scale
-        )
+        decode = triton_kernels.paged_decode_attention
+    decoded = None if decode is None else decode(
+        q[dec.start :].contiguous(), k_cache, v_cache, dec.block_tables, dec.context_lens, dec.block_size, scale
+    )
     if decoded is not None and dec.start == 0:  # a decode-only step (most steps): the kernel's output is the whole result
         return decoded
     out = torch.empty_like(q)

@@ -100,17 +100,16 @@ class Attention(nn.Module):
         T = x.shape[0]
         qkv = self.qkv_proj(x, dense_rows)
         k_cache, v_cache = kv_cache if kv_cache is not None else (None, None)
-        if k_cache is not None and meta is not None and cpu_kernels.usable(qkv, cos, kv_cache=k_cache):
-            # one op: rotate q and k, split out v, write k and v into the paged cache
-            q, k, v = torch.ops.phiserve.rope_and_cache(
-                qkv, cos.view(T, -1), sin.view(T, -1), k_cache, v_cache, meta.slot_mapping, self.num_heads, self.num_kv_heads
-            )
-        elif k_cache is not None and meta is not None and qkv.is_cuda:
-            from phiserve.models import triton_kernels  # the same op on CUDA, in Triton
+        fused = None  # one op that rotates q and k, splits out v and writes k and v into the paged cache
+        if k_cache is not None and meta is not None:
+            if cpu_kernels.usable(qkv, cos, kv_cache=k_cache):
+                fused = torch.ops.phiserve.rope_and_cache
+            elif qkv.is_cuda:
+                from phiserve.models import triton_kernels  # the same op on CUDA, in Triton
 
-            q, k, v = triton_kernels.rope_and_cache(
-                qkv, cos.view(T, -1), sin.view(T, -1), k_cache, v_cache, meta.slot_mapping, self.num_heads, self.num_kv_heads
-            )
+                fused = triton_kernels.rope_and_cache
+        if fused is not None:
+            q, k, v = fused(qkv, cos.view(T, -1), sin.view(T, -1), k_cache, v_cache, meta.slot_mapping, self.num_heads, self.num_kv_heads)
         else:
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q = apply_rope(q.view(T, self.num_heads, self.head_dim), cos, sin)
