@@ -30,7 +30,7 @@ def serve(
     max_num_batched_tokens: int = typer.Option(None, help="Token budget of one engine step. Default: 512 on CPU, 2048 on CUDA."),
     max_num_seqs: int = typer.Option(None, help="Most sequences running at once. Default: 32 on CPU, 64 on CUDA."),
     max_model_len: int = typer.Option(None, help="Context length (default: the model's, capped by the KV pool)."),
-    no_prefix_caching: bool = typer.Option(False, help="Disable prefix caching."),
+    no_prefix_caching: bool = typer.Option(False, "--no-prefix-caching", help="Disable prefix caching."),
     enforce_eager: bool = typer.Option(False, "--enforce-eager", help="On CUDA, run decode steps eagerly instead of replaying CUDA graphs."),
     input_price: float = typer.Option(None, help="USD per million prompt tokens, for usage.estimated_cost."),
     output_price: float = typer.Option(None, help="USD per million completion tokens."),

@@ -40,6 +40,17 @@ class Message(_Lenient):
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content: Any) -> Any:
+        # Name the unsupported part; the union's own error would only say "should be a valid string".
+        if isinstance(content, list):
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text":
+                    raise ValueError(f"content parts of type {kind!r} are not supported: this model reads text only (type 'text')")
+        return content
+
     @property
     def text(self) -> str:
         if isinstance(self.content, list):

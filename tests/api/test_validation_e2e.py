@@ -93,12 +93,20 @@ BAD_MESSAGES = [
     ([{"role": "system", "content": "a"}], "messages"),
     ([{"role": "system", "content": "a"}, {"role": "developer", "content": "b"}, {"role": "user", "content": "c"}], "messages"),
     ([{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}], "messages"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}], "messages[0].content"),
 ]
 
 
 @pytest.mark.parametrize(("messages", "param"), BAD_MESSAGES)
 def test_bad_conversation_is_400(server, messages, param):
     assert_error(post(server, {"model": MODEL, "messages": messages, "max_tokens": 1}), 400, param)
+
+
+def test_a_non_text_content_part_is_named(server):
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, image]}]
+    err = assert_error(post(server, {"model": MODEL, "messages": messages, "max_tokens": 1}), 400, "messages[0].content")
+    assert "'image_url'" in err["message"] and "text only" in err["message"]
 
 
 def test_missing_required_fields(server):
