@@ -44,11 +44,9 @@ class Message(_Lenient):
     @classmethod
     def _text_parts_only(cls, content: Any) -> Any:
         # Name the unsupported part; the union's own error would only say "should be a valid string".
-        if isinstance(content, list):
-            for part in content:
-                kind = part.get("type") if isinstance(part, dict) else None
-                if kind != "text":
-                    raise ValueError(f"content parts of type {kind!r} are not supported: this model reads text only (type 'text')")
+        for part in content if isinstance(content, list) else ():
+            if isinstance(part, dict) and part.get("type") != "text":
+                raise ValueError(f"content parts of type {part.get('type')!r} are not supported: this model reads text only (type 'text')")
         return content
 
     @property

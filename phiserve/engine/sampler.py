@@ -375,8 +375,7 @@ class Sampler:
         whole = (top_p < 1.0) & ~k_on  # their top-p mass is over the whole row
         row_lse = torch.logsumexp(xs, dim=-1) if bool(whole.any()) else torch.zeros(len(u))
         picked = torch.ops.phiserve.sample_candidates(
-            xs.contiguous(), top_k, top_p.contiguous(), tbl[:, _MIN_P].contiguous(),
-            torch.tensor(u, dtype=torch.float64), row_lse, width,
+            xs.contiguous(), top_k, top_p, tbl[:, _MIN_P], torch.tensor(u, dtype=torch.float64), row_lse, width,
         )  # fmt: skip
         return picked, (picked >= 0).tolist()
 

@@ -945,15 +945,16 @@ struct Candidate {
 // above it). Which of several values tied at the boundary is kept depends only on the row.
 void select_top(const float* x, int64_t V, int64_t W, std::vector<Candidate>& slice) {
   slice.clear();
-  auto smaller = [](const Candidate& a, const Candidate& b) { return a.value > b.value; };
+  // larger value first; as the heap's order it keeps the smallest kept value at the front
+  auto larger_first = [](const Candidate& a, const Candidate& b) { return a.value > b.value; };
   const int64_t fill = std::min(W, V);
   for (int64_t i = 0; i < fill; ++i) slice.push_back({x[i], i});
-  std::make_heap(slice.begin(), slice.end(), smaller);
+  std::make_heap(slice.begin(), slice.end(), larger_first);
   auto offer = [&](int64_t i) {
     if (x[i] > slice.front().value) {
-      std::pop_heap(slice.begin(), slice.end(), smaller);
+      std::pop_heap(slice.begin(), slice.end(), larger_first);
       slice.back() = {x[i], i};
-      std::push_heap(slice.begin(), slice.end(), smaller);
+      std::push_heap(slice.begin(), slice.end(), larger_first);
     }
   };
   int64_t i = fill;
@@ -965,7 +966,7 @@ void select_top(const float* x, int64_t V, int64_t W, std::vector<Candidate>& sl
   }
 #endif
   for (; i < V; ++i) offer(i);
-  std::sort(slice.begin(), slice.end(), [](const Candidate& a, const Candidate& b) { return a.value > b.value; });
+  std::sort(slice.begin(), slice.end(), larger_first);
 }
 
 // torch.topk(x, k).indices for float32 rows (the rescored output head's candidates), by select_top.
@@ -1049,7 +1050,10 @@ at::Tensor sample_candidates(const at::Tensor& x, const at::Tensor& top_k, const
               "sample_candidates: top_k int64, top_p/min_p/row_lse float32, u float64");
   TORCH_CHECK(top_k.numel() == R && top_p.numel() == R && min_p.numel() == R && u.numel() == R && row_lse.numel() == R,
               "sample_candidates: one parameter per row");
-  auto k = top_k.contiguous(), p = top_p.contiguous(), mp = min_p.contiguous(), uu = u.contiguous(), lse = row_lse.contiguous();
+  const at::Tensor k = top_k.contiguous(), p = top_p.contiguous(), mp = min_p.contiguous(), uu = u.contiguous(), lse = row_lse.contiguous();
+  const int64_t* kp = k.data_ptr<int64_t>();
+  const float *pp = p.data_ptr<float>(), *mpp = mp.data_ptr<float>(), *lp = lse.data_ptr<float>();
+  const double* up = uu.data_ptr<double>();
   at::Tensor out = at::empty({R}, x.options().dtype(at::kLong));
   const float* xp = x.data_ptr<float>();
   int64_t* op = out.data_ptr<int64_t>();
@@ -1057,9 +1061,7 @@ at::Tensor sample_candidates(const at::Tensor& x, const at::Tensor& top_k, const
     std::vector<Candidate> slice;
     std::vector<float> probs;
     slice.reserve(width);
-    for (int64_t r = r0; r < r1; ++r)
-      op[r] = sample_row(xp + r * V, V, width, k.data_ptr<int64_t>()[r], p.data_ptr<float>()[r], mp.data_ptr<float>()[r],
-                         uu.data_ptr<double>()[r], lse.data_ptr<float>()[r], slice, probs);
+    for (int64_t r = r0; r < r1; ++r) op[r] = sample_row(xp + r * V, V, width, kp[r], pp[r], mpp[r], up[r], lp[r], slice, probs);
   });
   return out;
 }
