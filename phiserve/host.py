@@ -81,10 +81,9 @@ def pick_precision(name: str, device: torch.device, is_gguf: bool) -> Precision:
         act = torch.float16 if name == "float16" else torch.float32 if name == "float32" else torch.bfloat16
         return Precision(act, None)
     if name == "auto":
-        # GGUF Q4_1 layers map exactly onto int4. With our kernels decode rows take the int16-activation
-        # kernel and prefill rows an fp32 kernel over weights dequantized panel by panel, so no dense copy
-        # is kept (-425 MiB on the embedded model); with torch's kernels a dense fp32 copy serves prefill
-        # rows ("hybrid").
+        # GGUF Q4_1 layers map exactly onto int4. With our kernels every row takes the int16-activation
+        # kernel (from 24 rows over weights unpacked panel by panel), so no dense copy is kept (-425 MiB
+        # on the embedded model); with torch's kernels a dense fp32 copy serves prefill rows ("hybrid").
         # Output head "rescored": a fast copy ranks the vocabulary (our group-int8 kernel, exact for a
         # Q8_0 embedding; else bf16), the top 64 logits are recomputed in fp32. A plain fp32 head costs
         # ~16 ms a step here, a bf16 one rounds logits to ~3 digits (docs/performance.md).

@@ -182,9 +182,9 @@ class Decoder(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions: [T]. Returns fp32 logits [len(logits_rows) or T, vocab].
 
-        ``dense_rows``: the leading rows (prefill chunks) that take the linears' compute-bound path
-        (dense weights, or our fp32 kernel over dequantized panels); the rest (decodes) the packed
-        kernels. None: all rows are prefill rows.
+        ``dense_rows``: the leading rows (prefill chunks) that take the linears' dense weights where
+        a layer keeps them; the rest (decodes) the packed kernels (ours take all rows in one call:
+        see ``Linear.forward``). None: all rows are prefill rows.
         """
         if dense_rows is None:
             dense_rows = input_ids.shape[0]

@@ -2,12 +2,13 @@
 
 Formats: dense ``float32`` / ``bfloat16`` (GEMM; activations cast at the boundary), and weight-only
 ``int8`` (per channel, torch's kernel) or ``int4`` (group-32: our kernel ``torch.ops.phiserve.int4_linear``
-when it builds on this machine, see ``cpu_kernels.py``; torch's packed CPU kernel otherwise). Rows of
-prefill chunks (many rows, compute-bound) and single-token decode rows (memory-bound) take different
-paths: with our kernels, decode rows the int16-activation kernel over the packed weights and prefill
-rows an fp32 kernel over the same weights dequantized panel by panel; with torch's packed formats a
-layer may also hold a dense weight ("hybrid") for the prefill rows' GEMM. Which rows are which is
-decided by the runner per sequence, so a row's numerics never depend on what else is in the batch.
+when it builds on this machine, see ``cpu_kernels.py``; torch's packed CPU kernel otherwise). With our
+kernels every row takes one op: it picks its inner loop by the number of rows (small batches stream
+the packed weights, from 24 rows they are unpacked a panel at a time) with the same bits either way.
+With torch's packed formats, rows of prefill chunks (many rows, compute-bound) and single-token
+decode rows (memory-bound) take different paths: a layer may hold a dense weight ("hybrid") for the
+prefill rows' GEMM. Which rows are which is decided by the runner per sequence, so a row's numerics
+never depend on what else is in the batch.
 """
 
 from __future__ import annotations
@@ -38,19 +39,19 @@ class Linear(nn.Module):
         self.rescore_top = 0
 
     def forward(self, x: torch.Tensor, dense_rows: int | None = None) -> torch.Tensor:
-        """``dense_rows``: leading rows (prefill) that take the compute-bound path when the layer has
-        one beside its packed weight: the dense weight, or our fp32 kernel over weights dequantized
-        panel by panel. The other rows (decode) take the packed kernel. None: every row packed."""
+        """``dense_rows``: leading rows (prefill) that take the dense weight when the layer keeps one
+        beside its packed weight; the other rows (decode) take the packed kernel. Without a dense
+        copy every row takes the packed kernel in one call (ours picks its inner loop by the row
+        count, same bits either way). None: every row packed."""
         if self.approx is not None:
             return self._rescored(x)
         if self.packed_format is None:
             return self._dense(x)
-        if not (self.has_dense or self.in_our_format) or dense_rows is None or dense_rows == 0:
+        if not self.has_dense or dense_rows is None or dense_rows == 0:
             return self._packed(x)
-        compute_bound = self._dense if self.has_dense else self._dequantized
         if dense_rows >= x.shape[0]:
-            return compute_bound(x)
-        return torch.cat([compute_bound(x[:dense_rows]), self._packed(x[dense_rows:])])
+            return self._dense(x)
+        return torch.cat([self._dense(x[:dense_rows]), self._packed(x[dense_rows:])])
 
     @property
     def in_our_format(self) -> bool:
@@ -67,10 +68,6 @@ class Linear(nn.Module):
             # never depends on how many rows share the step (batch invariance).
             return F.linear(F.pad(x, (0, 0, 0, MIN_GEMM_ROWS - rows)), w)[:rows]
         return F.linear(x, w)
-
-    def _dequantized(self, x: torch.Tensor) -> torch.Tensor:
-        """Our packed formats, prefill rows: fp32 FMA over the exact weights (see csrc/cpu_kernels.cpp)."""
-        return self._our_kernel(x, torch.ops.phiserve.int4_dequantized_linear, torch.ops.phiserve.int8_dequantized_linear)
 
     def _our_kernel(self, x: torch.Tensor, int4_op: Callable[..., torch.Tensor], int8_op: Callable[..., torch.Tensor]) -> torch.Tensor:
         # our kernels take fp32 rows; the decoder's are already (skip the no-op casts: ~1 us each, 240 a step)

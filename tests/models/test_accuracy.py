@@ -1,6 +1,6 @@
 """Accuracy of the default (served) precision on the embedded model, the way llama.cpp validates its
 quantized kernels: next-token distributions over a fixed text against a plain fp32 computation on the
-dequantized GGUF weights. Both of the server's paths are measured: prefill rows (dense weights) and
+dequantized GGUF weights. Both of the server's paths are measured: prefill rows (many rows a call) and
 decode rows (packed int4 kernels, one token at a time through the KV cache)."""
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def setup():
 def test_default_precision_prefill_rows(setup):
     served, ids, ref_logits = setup
     with torch.inference_mode():
-        logits = served(ids, torch.arange(len(ids)))  # every row a prefill row: dense weights
+        logits = served(ids, torch.arange(len(ids)))  # every row a prefill row, all in one call
     kl, top1 = kl_and_top1(ref_logits, logits)
     print(f"prefill rows: KL {kl:.6f} top-1 {top1:.4f} over {len(ids)} tokens")
     assert kl <= 0.0015 and top1 >= 0.97

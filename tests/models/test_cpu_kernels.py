@@ -77,30 +77,33 @@ def test_int4_linear_rows_do_not_depend_on_the_batch():
 
 @needs_kernels
 @pytest.mark.parametrize("n", [8, 24, 48])
-def test_dequantized_linear_equals_the_float_product(n):
-    """Prefill rows' kernel: fp32 FMA over the exact dequantized weights (q * d + m)."""
+def test_many_rows_take_the_panel_loop_with_the_same_bits(n):
+    """From 24 rows the weights are unpacked a panel at a time (prefill chunks): the same integer dots
+    and FMA chain as the one-row loop, so every row's bits equal its own single-row call."""
     g = torch.Generator().manual_seed(n)
     q, scale, min_ = _weights(n, 96, seed=n)
-    x = torch.randn(13, 96, generator=g)
-    out = torch.ops.phiserve.int4_dequantized_linear(x, *quant.pack_q4(q, scale, min_))
-    ref = x.double() @ _dense(q, scale, min_).t()
-    assert (out.double() - ref).abs().max() <= 1e-6 * ref.abs().max()
+    x = torch.randn(31, 96, generator=g)  # five full 6-row tiles and a remainder row
+    x[4, :32] = 0  # an all-zero group
+    q4 = quant.pack_q4(q, scale, min_)
+    out = torch.ops.phiserve.int4_linear(x, *q4)
+    torch.testing.assert_close(out.double(), _kernel_reference(x, q, scale, min_), rtol=1e-6, atol=1e-6)
     q8, s8 = quant.quantize_q8(torch.randn(n, 96, generator=g))
-    out8 = torch.ops.phiserve.int8_dequantized_linear(x, *quant.pack_q8(q8, s8))
-    ref8 = x.double() @ (q8.double() * s8.double().repeat_interleave(32, 1)).t()
-    assert (out8.double() - ref8).abs().max() <= 1e-6 * ref8.abs().max()
+    q8p = quant.pack_q8(q8, s8)
+    out8 = torch.ops.phiserve.int8_linear(x, *q8p)
+    torch.testing.assert_close(out8.double(), _kernel_reference(x, q8, s8, None), rtol=1e-6, atol=1e-6)
+    for i in range(31):
+        assert torch.equal(torch.ops.phiserve.int4_linear(x[i : i + 1].contiguous(), *q4)[0], out[i])
+        assert torch.equal(torch.ops.phiserve.int8_linear(x[i : i + 1].contiguous(), *q8p)[0], out8[i])
 
 
 @needs_kernels
-def test_dequantized_linear_rows_do_not_depend_on_the_batch():
+def test_rows_do_not_depend_on_the_batch_across_the_panel_threshold():
     q, scale, min_ = _weights(40, 64, seed=2)  # 5 blocks of 8 features: two full panels and a half one
     packed = quant.pack_q4(q, scale, min_)
-    x = torch.randn(14, 64)
-    batched = torch.ops.phiserve.int4_dequantized_linear(x, *packed)
-    for m in range(1, 15):  # full 6-row tiles and every remainder tile
-        assert torch.equal(torch.ops.phiserve.int4_dequantized_linear(x[:m].contiguous(), *packed), batched[:m])
-    for i in range(14):
-        assert torch.equal(torch.ops.phiserve.int4_dequantized_linear(x[i : i + 1].contiguous(), *packed)[0], batched[i])
+    x = torch.randn(38, 64)
+    batched = torch.ops.phiserve.int4_linear(x, *packed)
+    for m in range(1, 39):  # both loops, full 6-row tiles and every remainder tile
+        assert torch.equal(torch.ops.phiserve.int4_linear(x[:m].contiguous(), *packed), batched[:m])
 
 
 @needs_kernels
@@ -249,9 +252,10 @@ def test_portable_path_computes_what_the_avx2_path_does(tmp_path):
     assert torch.equal(portable.int4_linear(x, *quant.pack_q4(q, scale, min_)), fast.int4_linear(x, *quant.pack_q4(q, scale, min_)))
     q8, s8 = quant.quantize_q8(torch.randn(40, 96, generator=g))
     assert torch.equal(portable.int8_linear(x, *quant.pack_q8(q8, s8)), fast.int8_linear(x, *quant.pack_q8(q8, s8)))
+    rows = torch.randn(30, 96, generator=g)  # the AVX2 path's panel loop (>= 24 rows), incl. the asm tile
     q4 = quant.pack_q4(q, scale, min_)
-    assert torch.equal(portable.int4_dequantized_linear(x, *q4), fast.int4_dequantized_linear(x, *q4))
-    assert torch.equal(portable.int8_dequantized_linear(x, *quant.pack_q8(q8, s8)), fast.int8_dequantized_linear(x, *quant.pack_q8(q8, s8)))
+    assert torch.equal(portable.int4_linear(rows, *q4), fast.int4_linear(rows, *q4))
+    assert torch.equal(portable.int8_linear(rows, *quant.pack_q8(q8, s8)), fast.int8_linear(rows, *quant.pack_q8(q8, s8)))
     gate_up, w = torch.randn(3, 64, generator=g), torch.randn(96, generator=g)
     torch.testing.assert_close(portable.silu_mul(gate_up), fast.silu_mul(gate_up))
     torch.testing.assert_close(portable.rms_norm(x, w, 1e-5), fast.rms_norm(x, w, 1e-5))
