@@ -334,75 +334,83 @@ void unpack_block(const int32_t* q, int64_t K, __m256i* panel, int64_t bb) {
 // Six rows of one group against a panel's 16 features, accumulated into acc [6][16]. In asm because
 // GCC spilled the 12 integer accumulators of the intrinsics version to the stack (~0.8x). Per row r:
 // dots in ymm(2r) and ymm(2r+1); then acc = fma(float(dot), d * sx, acc) and, with mins,
-// acc = fma(min, xsum, acc), tile()'s operations. sx, xs: the six rows' scale and sum of this group.
+// acc = fma(min, xsum, acc), tile()'s operations. sx_xs: the six rows' scales, then sums, of this group.
+// One asm statement per variant (values in registers do not survive between asm statements).
+#define PHISERVE_GROUP6_DOTS \
+      "vpxor %%xmm0, %%xmm0, %%xmm0\n" "vpxor %%xmm1, %%xmm1, %%xmm1\n" "vpxor %%xmm2, %%xmm2, %%xmm2\n" "vpxor %%xmm3, %%xmm3, %%xmm3\n" \
+      "vpxor %%xmm4, %%xmm4, %%xmm4\n" "vpxor %%xmm5, %%xmm5, %%xmm5\n" "vpxor %%xmm6, %%xmm6, %%xmm6\n" "vpxor %%xmm7, %%xmm7, %%xmm7\n" \
+      "vpxor %%xmm8, %%xmm8, %%xmm8\n" "vpxor %%xmm9, %%xmm9, %%xmm9\n" "vpxor %%xmm10, %%xmm10, %%xmm10\n" "vpxor %%xmm11, %%xmm11, %%xmm11\n" \
+      "1:\n" \
+      "vmovdqu (%[w]), %%ymm12\n vmovdqu 32(%[w]), %%ymm13\n" \
+      "vpbroadcastd (%[x]), %%ymm14\n vpmaddwd %%ymm14, %%ymm12, %%ymm15\n vpaddd %%ymm15, %%ymm0, %%ymm0\n" \
+      "vpmaddwd %%ymm14, %%ymm13, %%ymm14\n vpaddd %%ymm14, %%ymm1, %%ymm1\n" \
+      "vpbroadcastd (%[x],%[s],1), %%ymm14\n vpmaddwd %%ymm14, %%ymm12, %%ymm15\n vpaddd %%ymm15, %%ymm2, %%ymm2\n" \
+      "vpmaddwd %%ymm14, %%ymm13, %%ymm14\n vpaddd %%ymm14, %%ymm3, %%ymm3\n" \
+      "vpbroadcastd (%[x],%[s],2), %%ymm14\n vpmaddwd %%ymm14, %%ymm12, %%ymm15\n vpaddd %%ymm15, %%ymm4, %%ymm4\n" \
+      "vpmaddwd %%ymm14, %%ymm13, %%ymm14\n vpaddd %%ymm14, %%ymm5, %%ymm5\n" \
+      "vpbroadcastd (%[x3]), %%ymm14\n vpmaddwd %%ymm14, %%ymm12, %%ymm15\n vpaddd %%ymm15, %%ymm6, %%ymm6\n" \
+      "vpmaddwd %%ymm14, %%ymm13, %%ymm14\n vpaddd %%ymm14, %%ymm7, %%ymm7\n" \
+      "vpbroadcastd (%[x3],%[s],1), %%ymm14\n vpmaddwd %%ymm14, %%ymm12, %%ymm15\n vpaddd %%ymm15, %%ymm8, %%ymm8\n" \
+      "vpmaddwd %%ymm14, %%ymm13, %%ymm14\n vpaddd %%ymm14, %%ymm9, %%ymm9\n" \
+      "vpbroadcastd (%[x3],%[s],2), %%ymm14\n vpmaddwd %%ymm14, %%ymm12, %%ymm15\n vpaddd %%ymm15, %%ymm10, %%ymm10\n" \
+      "vpmaddwd %%ymm14, %%ymm13, %%ymm14\n vpaddd %%ymm14, %%ymm11, %%ymm11\n" \
+      "add $64, %[w]\n add $4, %[x]\n add $4, %[x3]\n dec %[n]\n jnz 1b\n"
+#define PHISERVE_GROUP6_SCALE \
+      "vmovups (%[d]), %%ymm12\n vmovups 32(%[d]), %%ymm13\n" \
+      "vbroadcastss 0(%[sx]), %%ymm14\n" \
+      "vmulps %%ymm12, %%ymm14, %%ymm15\n vcvtdq2ps %%ymm0, %%ymm0\n vfmadd213ps 0(%[acc]), %%ymm15, %%ymm0\n" \
+      "vmulps %%ymm13, %%ymm14, %%ymm15\n vcvtdq2ps %%ymm1, %%ymm1\n vfmadd213ps 32(%[acc]), %%ymm15, %%ymm1\n" \
+      "vbroadcastss 4(%[sx]), %%ymm14\n" \
+      "vmulps %%ymm12, %%ymm14, %%ymm15\n vcvtdq2ps %%ymm2, %%ymm2\n vfmadd213ps 64(%[acc]), %%ymm15, %%ymm2\n" \
+      "vmulps %%ymm13, %%ymm14, %%ymm15\n vcvtdq2ps %%ymm3, %%ymm3\n vfmadd213ps 96(%[acc]), %%ymm15, %%ymm3\n" \
+      "vbroadcastss 8(%[sx]), %%ymm14\n" \
+      "vmulps %%ymm12, %%ymm14, %%ymm15\n vcvtdq2ps %%ymm4, %%ymm4\n vfmadd213ps 128(%[acc]), %%ymm15, %%ymm4\n" \
+      "vmulps %%ymm13, %%ymm14, %%ymm15\n vcvtdq2ps %%ymm5, %%ymm5\n vfmadd213ps 160(%[acc]), %%ymm15, %%ymm5\n" \
+      "vbroadcastss 12(%[sx]), %%ymm14\n" \
+      "vmulps %%ymm12, %%ymm14, %%ymm15\n vcvtdq2ps %%ymm6, %%ymm6\n vfmadd213ps 192(%[acc]), %%ymm15, %%ymm6\n" \
+      "vmulps %%ymm13, %%ymm14, %%ymm15\n vcvtdq2ps %%ymm7, %%ymm7\n vfmadd213ps 224(%[acc]), %%ymm15, %%ymm7\n" \
+      "vbroadcastss 16(%[sx]), %%ymm14\n" \
+      "vmulps %%ymm12, %%ymm14, %%ymm15\n vcvtdq2ps %%ymm8, %%ymm8\n vfmadd213ps 256(%[acc]), %%ymm15, %%ymm8\n" \
+      "vmulps %%ymm13, %%ymm14, %%ymm15\n vcvtdq2ps %%ymm9, %%ymm9\n vfmadd213ps 288(%[acc]), %%ymm15, %%ymm9\n" \
+      "vbroadcastss 20(%[sx]), %%ymm14\n" \
+      "vmulps %%ymm12, %%ymm14, %%ymm15\n vcvtdq2ps %%ymm10, %%ymm10\n vfmadd213ps 320(%[acc]), %%ymm15, %%ymm10\n" \
+      "vmulps %%ymm13, %%ymm14, %%ymm15\n vcvtdq2ps %%ymm11, %%ymm11\n vfmadd213ps 352(%[acc]), %%ymm15, %%ymm11\n"
+#define PHISERVE_GROUP6_MINS \
+      "vmovups (%[mn]), %%ymm12\n vmovups 32(%[mn]), %%ymm13\n" \
+      "vbroadcastss 24(%[sx]), %%ymm14\n vfmadd231ps %%ymm14, %%ymm12, %%ymm0\n vfmadd231ps %%ymm14, %%ymm13, %%ymm1\n" \
+      "vbroadcastss 28(%[sx]), %%ymm14\n vfmadd231ps %%ymm14, %%ymm12, %%ymm2\n vfmadd231ps %%ymm14, %%ymm13, %%ymm3\n" \
+      "vbroadcastss 32(%[sx]), %%ymm14\n vfmadd231ps %%ymm14, %%ymm12, %%ymm4\n vfmadd231ps %%ymm14, %%ymm13, %%ymm5\n" \
+      "vbroadcastss 36(%[sx]), %%ymm14\n vfmadd231ps %%ymm14, %%ymm12, %%ymm6\n vfmadd231ps %%ymm14, %%ymm13, %%ymm7\n" \
+      "vbroadcastss 40(%[sx]), %%ymm14\n vfmadd231ps %%ymm14, %%ymm12, %%ymm8\n vfmadd231ps %%ymm14, %%ymm13, %%ymm9\n" \
+      "vbroadcastss 44(%[sx]), %%ymm14\n vfmadd231ps %%ymm14, %%ymm12, %%ymm10\n vfmadd231ps %%ymm14, %%ymm13, %%ymm11\n"
+#define PHISERVE_GROUP6_STORE \
+      "vmovaps %%ymm0, 0(%[acc])\n" "vmovaps %%ymm1, 32(%[acc])\n" "vmovaps %%ymm2, 64(%[acc])\n" "vmovaps %%ymm3, 96(%[acc])\n" \
+      "vmovaps %%ymm4, 128(%[acc])\n" "vmovaps %%ymm5, 160(%[acc])\n" "vmovaps %%ymm6, 192(%[acc])\n" "vmovaps %%ymm7, 224(%[acc])\n" \
+      "vmovaps %%ymm8, 256(%[acc])\n" "vmovaps %%ymm9, 288(%[acc])\n" "vmovaps %%ymm10, 320(%[acc])\n" "vmovaps %%ymm11, 352(%[acc])\n"
+
 template <bool Mins>
 inline void panel_group6(const int32_t* xg, int64_t row_bytes, const __m256i* pg, const float* d, const float* mn,
-                         const float* sx, const float* xs, float* acc) {
+                         const float* sx_xs, float* acc) {
   int64_t n = 16;  // k pairs in a group
   const char* x = reinterpret_cast<const char*>(xg);
+  const char* x3 = x + 3 * row_bytes;  // rows 3-5 (an x86 address takes a scale of 1, 2, 4 or 8 only)
   const char* w = reinterpret_cast<const char*>(pg);
-  __asm__ volatile(
-      "vpxor %%xmm0, %%xmm0, %%xmm0\n" "vpxor %%xmm1, %%xmm1, %%xmm1\n" "vpxor %%xmm2, %%xmm2, %%xmm2\n" "vpxor %%xmm3, %%xmm3, %%xmm3\n"
-      "vpxor %%xmm4, %%xmm4, %%xmm4\n" "vpxor %%xmm5, %%xmm5, %%xmm5\n" "vpxor %%xmm6, %%xmm6, %%xmm6\n" "vpxor %%xmm7, %%xmm7, %%xmm7\n"
-      "vpxor %%xmm8, %%xmm8, %%xmm8\n" "vpxor %%xmm9, %%xmm9, %%xmm9\n" "vpxor %%xmm10, %%xmm10, %%xmm10\n" "vpxor %%xmm11, %%xmm11, %%xmm11\n"
-      "1:\n"
-      "vmovdqu (%[w]), %%ymm12\n vmovdqu 32(%[w]), %%ymm13\n"
-      "vpbroadcastd (%[x]), %%ymm14\n vpmaddwd %%ymm14, %%ymm12, %%ymm15\n vpaddd %%ymm15, %%ymm0, %%ymm0\n"
-      "vpmaddwd %%ymm14, %%ymm13, %%ymm14\n vpaddd %%ymm14, %%ymm1, %%ymm1\n"
-      "vpbroadcastd (%[x],%[s],1), %%ymm14\n vpmaddwd %%ymm14, %%ymm12, %%ymm15\n vpaddd %%ymm15, %%ymm2, %%ymm2\n"
-      "vpmaddwd %%ymm14, %%ymm13, %%ymm14\n vpaddd %%ymm14, %%ymm3, %%ymm3\n"
-      "vpbroadcastd (%[x],%[s],2), %%ymm14\n vpmaddwd %%ymm14, %%ymm12, %%ymm15\n vpaddd %%ymm15, %%ymm4, %%ymm4\n"
-      "vpmaddwd %%ymm14, %%ymm13, %%ymm14\n vpaddd %%ymm14, %%ymm5, %%ymm5\n"
-      "vpbroadcastd (%[x],%[s3],1), %%ymm14\n vpmaddwd %%ymm14, %%ymm12, %%ymm15\n vpaddd %%ymm15, %%ymm6, %%ymm6\n"
-      "vpmaddwd %%ymm14, %%ymm13, %%ymm14\n vpaddd %%ymm14, %%ymm7, %%ymm7\n"
-      "vpbroadcastd (%[x],%[s],4), %%ymm14\n vpmaddwd %%ymm14, %%ymm12, %%ymm15\n vpaddd %%ymm15, %%ymm8, %%ymm8\n"
-      "vpmaddwd %%ymm14, %%ymm13, %%ymm14\n vpaddd %%ymm14, %%ymm9, %%ymm9\n"
-      "vpbroadcastd (%[x],%[s5],1), %%ymm14\n vpmaddwd %%ymm14, %%ymm12, %%ymm15\n vpaddd %%ymm15, %%ymm10, %%ymm10\n"
-      "vpmaddwd %%ymm14, %%ymm13, %%ymm14\n vpaddd %%ymm14, %%ymm11, %%ymm11\n"
-      "add $64, %[w]\n add $4, %[x]\n dec %[n]\n jnz 1b\n"
-      "vmovups (%[d]), %%ymm12\n vmovups 32(%[d]), %%ymm13\n"
-      "vbroadcastss 0(%[sx]), %%ymm14\n"
-      "vmulps %%ymm12, %%ymm14, %%ymm15\n vcvtdq2ps %%ymm0, %%ymm0\n vfmadd213ps 0(%[acc]), %%ymm15, %%ymm0\n"
-      "vmulps %%ymm13, %%ymm14, %%ymm15\n vcvtdq2ps %%ymm1, %%ymm1\n vfmadd213ps 32(%[acc]), %%ymm15, %%ymm1\n"
-      "vbroadcastss 4(%[sx]), %%ymm14\n"
-      "vmulps %%ymm12, %%ymm14, %%ymm15\n vcvtdq2ps %%ymm2, %%ymm2\n vfmadd213ps 64(%[acc]), %%ymm15, %%ymm2\n"
-      "vmulps %%ymm13, %%ymm14, %%ymm15\n vcvtdq2ps %%ymm3, %%ymm3\n vfmadd213ps 96(%[acc]), %%ymm15, %%ymm3\n"
-      "vbroadcastss 8(%[sx]), %%ymm14\n"
-      "vmulps %%ymm12, %%ymm14, %%ymm15\n vcvtdq2ps %%ymm4, %%ymm4\n vfmadd213ps 128(%[acc]), %%ymm15, %%ymm4\n"
-      "vmulps %%ymm13, %%ymm14, %%ymm15\n vcvtdq2ps %%ymm5, %%ymm5\n vfmadd213ps 160(%[acc]), %%ymm15, %%ymm5\n"
-      "vbroadcastss 12(%[sx]), %%ymm14\n"
-      "vmulps %%ymm12, %%ymm14, %%ymm15\n vcvtdq2ps %%ymm6, %%ymm6\n vfmadd213ps 192(%[acc]), %%ymm15, %%ymm6\n"
-      "vmulps %%ymm13, %%ymm14, %%ymm15\n vcvtdq2ps %%ymm7, %%ymm7\n vfmadd213ps 224(%[acc]), %%ymm15, %%ymm7\n"
-      "vbroadcastss 16(%[sx]), %%ymm14\n"
-      "vmulps %%ymm12, %%ymm14, %%ymm15\n vcvtdq2ps %%ymm8, %%ymm8\n vfmadd213ps 256(%[acc]), %%ymm15, %%ymm8\n"
-      "vmulps %%ymm13, %%ymm14, %%ymm15\n vcvtdq2ps %%ymm9, %%ymm9\n vfmadd213ps 288(%[acc]), %%ymm15, %%ymm9\n"
-      "vbroadcastss 20(%[sx]), %%ymm14\n"
-      "vmulps %%ymm12, %%ymm14, %%ymm15\n vcvtdq2ps %%ymm10, %%ymm10\n vfmadd213ps 320(%[acc]), %%ymm15, %%ymm10\n"
-      "vmulps %%ymm13, %%ymm14, %%ymm15\n vcvtdq2ps %%ymm11, %%ymm11\n vfmadd213ps 352(%[acc]), %%ymm15, %%ymm11\n"
-      : [w] "+r"(w), [x] "+r"(x), [n] "+r"(n)
-      : [s] "r"(row_bytes), [s3] "r"(3 * row_bytes), [s5] "r"(5 * row_bytes), [d] "r"(d), [sx] "r"(sx), [acc] "r"(acc)
-      : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "memory", "cc");
   if constexpr (Mins) {
-    __asm__ volatile(
-      "vmovups (%[mn]), %%ymm12\n vmovups 32(%[mn]), %%ymm13\n"
-      "vbroadcastss 0(%[xs]), %%ymm14\n vfmadd231ps %%ymm14, %%ymm12, %%ymm0\n vfmadd231ps %%ymm14, %%ymm13, %%ymm1\n"
-      "vbroadcastss 4(%[xs]), %%ymm14\n vfmadd231ps %%ymm14, %%ymm12, %%ymm2\n vfmadd231ps %%ymm14, %%ymm13, %%ymm3\n"
-      "vbroadcastss 8(%[xs]), %%ymm14\n vfmadd231ps %%ymm14, %%ymm12, %%ymm4\n vfmadd231ps %%ymm14, %%ymm13, %%ymm5\n"
-      "vbroadcastss 12(%[xs]), %%ymm14\n vfmadd231ps %%ymm14, %%ymm12, %%ymm6\n vfmadd231ps %%ymm14, %%ymm13, %%ymm7\n"
-      "vbroadcastss 16(%[xs]), %%ymm14\n vfmadd231ps %%ymm14, %%ymm12, %%ymm8\n vfmadd231ps %%ymm14, %%ymm13, %%ymm9\n"
-      "vbroadcastss 20(%[xs]), %%ymm14\n vfmadd231ps %%ymm14, %%ymm12, %%ymm10\n vfmadd231ps %%ymm14, %%ymm13, %%ymm11\n"
-      :
-      : [mn] "r"(mn), [xs] "r"(xs)
-      : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "memory");
+    __asm__ volatile(PHISERVE_GROUP6_DOTS PHISERVE_GROUP6_SCALE PHISERVE_GROUP6_MINS PHISERVE_GROUP6_STORE
+                     : [w] "+r"(w), [x] "+r"(x), [x3] "+r"(x3), [n] "+r"(n)
+                     : [s] "r"(row_bytes), [d] "r"(d), [sx] "r"(sx_xs), [mn] "r"(mn), [acc] "r"(acc)
+                     : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "memory", "cc");
+  } else {
+    __asm__ volatile(PHISERVE_GROUP6_DOTS PHISERVE_GROUP6_SCALE PHISERVE_GROUP6_STORE
+                     : [w] "+r"(w), [x] "+r"(x), [x3] "+r"(x3), [n] "+r"(n)
+                     : [s] "r"(row_bytes), [d] "r"(d), [sx] "r"(sx_xs), [acc] "r"(acc)
+                     : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "memory", "cc");
   }
-  __asm__ volatile(
-      "vmovaps %%ymm0, 0(%[acc])\n" "vmovaps %%ymm1, 32(%[acc])\n" "vmovaps %%ymm2, 64(%[acc])\n" "vmovaps %%ymm3, 96(%[acc])\n"
-      "vmovaps %%ymm4, 128(%[acc])\n" "vmovaps %%ymm5, 160(%[acc])\n" "vmovaps %%ymm6, 192(%[acc])\n" "vmovaps %%ymm7, 224(%[acc])\n"
-      "vmovaps %%ymm8, 256(%[acc])\n" "vmovaps %%ymm9, 288(%[acc])\n" "vmovaps %%ymm10, 320(%[acc])\n" "vmovaps %%ymm11, 352(%[acc])\n"
-      :
-      : [acc] "r"(acc)
-      : "memory");
 }
+#undef PHISERVE_GROUP6_DOTS
+#undef PHISERVE_GROUP6_SCALE
+#undef PHISERVE_GROUP6_MINS
+#undef PHISERVE_GROUP6_STORE
 #define PHISERVE_PANEL_ASM 1
 #endif
 
@@ -414,13 +422,13 @@ void panel_tile_int16(int64_t R, const int32_t* xp, const float* sx, const float
   alignas(32) float acc[kPanelRows * kPanel] = {};
 #ifdef PHISERVE_PANEL_ASM
   if (R == kPanelRows) {
-    float sxg[kPanelRows], xsg[kPanelRows];
+    float sx_xs[2 * kPanelRows];  // the six rows' scales, then their sums, of one group
     for (int64_t g = 0; g < G; ++g) {
       for (int64_t r = 0; r < kPanelRows; ++r) {
-        sxg[r] = sx[r * G + g];
-        xsg[r] = xsum[r * G + g];
+        sx_xs[r] = sx[r * G + g];
+        sx_xs[kPanelRows + r] = xsum[r * G + g];
       }
-      panel_group6<Bits == 4>(xp + g * (kGroup / 2), K / 2 * 4, panel + g * kGroup, d + g * kPanel, mn + g * kPanel, sxg, xsg, acc);
+      panel_group6<Bits == 4>(xp + g * (kGroup / 2), K / 2 * 4, panel + g * kGroup, d + g * kPanel, mn + g * kPanel, sx_xs, acc);
     }
     R = 0;  // done
   }
