@@ -13,8 +13,6 @@ never depend on what else is in the batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -69,15 +67,15 @@ class Linear(nn.Module):
             return F.linear(F.pad(x, (0, 0, 0, MIN_GEMM_ROWS - rows)), w)[:rows]
         return F.linear(x, w)
 
-    def _our_kernel(self, x: torch.Tensor, int4_op: Callable[..., torch.Tensor], int8_op: Callable[..., torch.Tensor]) -> torch.Tensor:
-        # our kernels take fp32 rows; the decoder's are already (skip the no-op casts: ~1 us each, 240 a step)
-        x32 = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
-        y = int4_op(x32, self.packed, self.scales, self.mins) if self.mins is not None else int8_op(x32, self.packed, self.scales)
-        return y if x.dtype == torch.float32 else y.to(x.dtype)
-
     def _packed(self, x: torch.Tensor) -> torch.Tensor:
         if self.in_our_format:
-            return self._our_kernel(x, torch.ops.phiserve.int4_linear, torch.ops.phiserve.int8_linear)
+            # our kernels take fp32 rows; the decoder's are already (skip the no-op casts: ~1 us each, 240 a step)
+            x32 = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
+            if self.mins is not None:
+                y = torch.ops.phiserve.int4_linear(x32, self.packed, self.scales, self.mins)
+            else:
+                y = torch.ops.phiserve.int8_linear(x32, self.packed, self.scales)
+            return y if x.dtype == torch.float32 else y.to(x.dtype)
         if self.packed_format == "int4":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(self.scales.dtype), self.packed, quant.INT4_GROUP, self.scales)
         else:

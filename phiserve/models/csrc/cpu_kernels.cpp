@@ -298,6 +298,20 @@ void check_weight_only_args(const at::Tensor& x, const at::Tensor& qweight, cons
   }
 }
 
+// Rows [m, M) against one block of 8 features (q, s, mn and o at the block): row tiles of 4, 2 and 1,
+// then the portable path for whatever the vector code left.
+template <int Bits>
+void block_rows(int64_t m, int64_t M, const int32_t* xp, const float* sx, const float* xs, int64_t K, const int32_t* q,
+                const at::Half* s, const at::Half* mn, float* o, int64_t N) {
+  const int64_t G = K / kGroup;
+#ifdef PHISERVE_AVX2
+  for (; m + 4 <= M; m += 4) tile<Bits, 4, 1>(xp + m * K / 2, sx + m * G, xs + m * G, K, q, s, mn, o + m * N, N);
+  for (; m + 2 <= M; m += 2) tile<Bits, 2, 1>(xp + m * K / 2, sx + m * G, xs + m * G, K, q, s, mn, o + m * N, N);
+  for (; m < M; ++m) tile<Bits, 1, 1>(xp + m * K / 2, sx + m * G, xs + m * G, K, q, s, mn, o + m * N, N);
+#endif
+  tile_scalar<Bits>(xp + m * K / 2, sx + m * G, xs + m * G, M - m, K, q, s, mn, o + m * N, N);
+}
+
 // ---- Many rows: the same arithmetic over weights unpacked a panel at a time -------------------------
 // From kPanelMinRows rows (prefill chunks, large decode batches) the layer is compute-bound, and
 // unpacking the nibble planes inside tile() (a shift and a mask per 16 weights, for every 4 rows)
@@ -311,7 +325,8 @@ constexpr int64_t kPanel = 16;  // features per panel: two blocks of 8
 constexpr int64_t kPanelRows = 6;  // rows per register tile: 6 x 2 accumulators + 2 weights + input + product
 constexpr int64_t kPanelMinRows = 24;  // measured crossover with tile() (30 layers' shapes): 0.9x at 16 rows, 1.1x at 24
 
-#ifdef PHISERVE_AVX2
+#if defined(PHISERVE_AVX2) && defined(__GNUC__) && defined(__x86_64__)
+#define PHISERVE_PANEL_ASM 1
 // Block bb (0 or 1) of a panel: its int16 weight pairs for every k pair P at panel[2P + bb].
 template <int Bits>
 void unpack_block(const int32_t* q, int64_t K, __m256i* panel, int64_t bb) {
@@ -330,7 +345,6 @@ void unpack_block(const int32_t* q, int64_t K, __m256i* panel, int64_t bb) {
   }
 }
 
-#if defined(__GNUC__) && defined(__x86_64__)
 // Six rows of one group against a panel's 16 features, accumulated into acc [6][16]. In asm because
 // GCC spilled the 12 integer accumulators of the intrinsics version to the stack (~0.8x). Per row r:
 // dots in ymm(2r) and ymm(2r+1); then acc = fma(float(dot), d * sx, acc) and, with mins,
@@ -411,50 +425,22 @@ inline void panel_group6(const int32_t* xg, int64_t row_bytes, const __m256i* pg
 #undef PHISERVE_GROUP6_SCALE
 #undef PHISERVE_GROUP6_MINS
 #undef PHISERVE_GROUP6_STORE
-#define PHISERVE_PANEL_ASM 1
-#endif
 
-// R (1..6) rows of x against one panel (width 8 or 16 features): every group's dots, then the FMAs.
+// Six rows of x against one panel (width 8 or 16 features): every group's dots and FMAs.
 template <int Bits>
-void panel_tile_int16(int64_t R, const int32_t* xp, const float* sx, const float* xsum, int64_t K, const __m256i* panel,
-                      const float* d, const float* mn, int64_t width, float* out, int64_t N) {
+void panel_tile6(const int32_t* xp, const float* sx, const float* xsum, int64_t K, const __m256i* panel, const float* d,
+                 const float* mn, int64_t width, float* out, int64_t N) {
   const int64_t G = K / kGroup;
   alignas(32) float acc[kPanelRows * kPanel] = {};
-#ifdef PHISERVE_PANEL_ASM
-  if (R == kPanelRows) {
-    float sx_xs[2 * kPanelRows];  // the six rows' scales, then their sums, of one group
-    for (int64_t g = 0; g < G; ++g) {
-      for (int64_t r = 0; r < kPanelRows; ++r) {
-        sx_xs[r] = sx[r * G + g];
-        sx_xs[kPanelRows + r] = xsum[r * G + g];
-      }
-      panel_group6<Bits == 4>(xp + g * (kGroup / 2), K / 2 * 4, panel + g * kGroup, d + g * kPanel, mn + g * kPanel, sx_xs, acc);
+  float sx_xs[2 * kPanelRows];  // the six rows' scales, then their sums, of one group
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t r = 0; r < kPanelRows; ++r) {
+      sx_xs[r] = sx[r * G + g];
+      sx_xs[kPanelRows + r] = xsum[r * G + g];
     }
-    R = 0;  // done
+    panel_group6<Bits == 4>(xp + g * (kGroup / 2), K / 2 * 4, panel + g * kGroup, d + g * kPanel, mn + g * kPanel, sx_xs, acc);
   }
-#endif
-  for (int64_t r = 0; r < R; ++r) {
-    const int32_t* xr = xp + r * K / 2;
-    for (int64_t g = 0; g < G; ++g) {
-      const __m256i* pg = panel + g * kGroup;
-      __m256i dot0 = _mm256_setzero_si256(), dot1 = dot0;
-      for (int p = 0; p < 16; ++p) {
-        const __m256i a = _mm256_set1_epi32(xr[g * (kGroup / 2) + p]);
-        dot0 = _mm256_add_epi32(dot0, _mm256_madd_epi16(_mm256_loadu_si256(pg + 2 * p), a));
-        dot1 = _mm256_add_epi32(dot1, _mm256_madd_epi16(_mm256_loadu_si256(pg + 2 * p + 1), a));
-      }
-      const __m256 s = _mm256_set1_ps(sx[r * G + g]);
-      const __m256i dots[2] = {dot0, dot1};
-      for (int b = 0; b < 2; ++b) {
-        float* o = acc + r * kPanel + b * kLanes;
-        __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[b]), _mm256_mul_ps(_mm256_loadu_ps(d + g * kPanel + b * kLanes), s), _mm256_load_ps(o));
-        if constexpr (Bits == 4) v = _mm256_fmadd_ps(_mm256_loadu_ps(mn + g * kPanel + b * kLanes), _mm256_set1_ps(xsum[r * G + g]), v);
-        _mm256_store_ps(o, v);
-      }
-    }
-  }
-  const int64_t rows = R == 0 ? kPanelRows : R;
-  for (int64_t r = 0; r < rows; ++r)
+  for (int64_t r = 0; r < kPanelRows; ++r)
     for (int64_t c = 0; c < width; c += kLanes) _mm256_storeu_ps(out + r * N + c, _mm256_load_ps(acc + r * kPanel + c));
 }
 
@@ -482,9 +468,13 @@ void panel_linear(int64_t M, int64_t K, int64_t NB, const int32_t* xp, const flo
         }
       }
       // A half panel's second block keeps the previous panel's values: computed, never stored.
-      for (int64_t m = 0; m < M; m += kPanelRows)
-        panel_tile_int16<Bits>(std::min(kPanelRows, M - m), xp + m * K / 2, sx + m * G, xs + m * G, K, panel.data(), d.data(),
-                               mn.data(), blocks * kLanes, op + m * N + b0 * kLanes, N);
+      int64_t m = 0;
+      for (; m + kPanelRows <= M; m += kPanelRows)
+        panel_tile6<Bits>(xp + m * K / 2, sx + m * G, xs + m * G, K, panel.data(), d.data(), mn.data(), blocks * kLanes,
+                          op + m * N + b0 * kLanes, N);
+      for (int64_t bb = 0; bb < blocks; ++bb)  // the last 0-5 rows: the few-row loop, same bits
+        block_rows<Bits>(m, M, xp, sx, xs, K, qp + (b0 + bb) * block_q, sp + (b0 + bb) * block_s,
+                         mp != nullptr ? mp + (b0 + bb) * block_s : nullptr, op + (b0 + bb) * kLanes, N);
     }
   });
 }
@@ -505,7 +495,7 @@ at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& qweight, co
   const at::Half* sp = scales.data_ptr<at::Half>();
   const at::Half* mp = mins != nullptr ? mins->data_ptr<at::Half>() : nullptr;
   float* op = out.data_ptr<float>();
-#ifdef PHISERVE_AVX2
+#ifdef PHISERVE_PANEL_ASM
   if (M >= kPanelMinRows) {
     panel_linear<Bits>(M, K, NB, xp, sx, xs, qp, sp, mp, op);
     return out;
@@ -526,17 +516,13 @@ at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& qweight, co
         const at::Half* s = sp + (b + bb) * block_s;
         const at::Half* mn = mp != nullptr ? mp + (b + bb) * block_s : nullptr;
         float* o = op + (b + bb) * kLanes;
-        int64_t m = 0;
 #ifdef PHISERVE_AVX2
         if (M == 1 && blocks == 2) {  // one row: both blocks at once, so more independent chains overlap
           tile<Bits, 1, 2>(xp, sx, xs, K, q, s, mn, o, N);
           break;
         }
-        for (; m + 4 <= M; m += 4) tile<Bits, 4, 1>(xp + m * K / 2, sx + m * G, xs + m * G, K, q, s, mn, o + m * N, N);
-        for (; m + 2 <= M; m += 2) tile<Bits, 2, 1>(xp + m * K / 2, sx + m * G, xs + m * G, K, q, s, mn, o + m * N, N);
-        for (; m < M; ++m) tile<Bits, 1, 1>(xp + m * K / 2, sx + m * G, xs + m * G, K, q, s, mn, o + m * N, N);
 #endif
-        tile_scalar<Bits>(xp + m * K / 2, sx + m * G, xs + m * G, M - m, K, q, s, mn, o + m * N, N);
+        block_rows<Bits>(0, M, xp, sx, xs, K, q, s, mn, o, N);
       }
     }
   });
