@@ -736,7 +736,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quick", action="store_true", help="fewer requests and 64 output tokens (about 10 minutes)"
     )
     ap.add_argument("--only", choices=("ours", "baseline"), help="run one server only")
-    ap.add_argument("--workloads", default="W1,W2,W3,W4", help="comma-separated subset of W1,W2,W3,W4")
+    ap.add_argument(
+        "--workloads",
+        default="W1,W2,W3,W4",
+        help="comma-separated subset of W1,W2,W3,W4, or single workloads such as W2-c16, W3-pair",
+    )
     ap.add_argument(
         "--temperature", type=float, default=0.8, help="sampling temperature (seeded per request)"
     )
@@ -753,8 +757,10 @@ def main(argv: list[str] | None = None) -> int:
     atexit.register(_kill_all)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so finally-blocks kill the server
     args.model = str(Path(args.model).resolve()) if args.model else default_model()
+    # A family (W2) selects all its workloads; a full name (W2-c16) selects one.
     selected = {w.strip().upper() for w in args.workloads.split(",") if w.strip()}
-    unknown = selected - {"W1", "W2", "W3", "W4"}
+    families = {name.split("-")[0] for name in selected}
+    unknown = families - {"W1", "W2", "W3", "W4"}
     if unknown:
         sys.exit(f"unknown workloads: {', '.join(sorted(unknown))}")
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -764,7 +770,14 @@ def main(argv: list[str] | None = None) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
 
     pm = PromptMaker(Path(args.model))
-    workloads = build_workloads(pm, args.quick, selected)
+    workloads = [
+        w
+        for w in build_workloads(pm, args.quick, families)
+        if w.name.upper() in selected or w.name.split("-")[0].upper() in selected
+    ]
+    missing = selected - families - {w.name.upper() for w in workloads}
+    if missing:
+        sys.exit(f"unknown workloads: {', '.join(sorted(missing))}")
     order = ["baseline", "ours"] if args.only is None else [args.only]
     cmds = {"ours": args.ours_cmd, "baseline": args.baseline_cmd}
     print(

@@ -77,12 +77,14 @@ def test_int4_linear_rows_do_not_depend_on_the_batch():
 
 @needs_kernels
 @pytest.mark.parametrize("n", [8, 24, 48])
-def test_many_rows_take_the_panel_loop_with_the_same_bits(n):
-    """From 24 rows the weights are unpacked a panel at a time (prefill chunks): the same integer dots
-    and FMA chain as the one-row loop, so every row's bits equal its own single-row call."""
+@pytest.mark.parametrize("rows", [16, 31])
+def test_many_rows_take_the_panel_loop_with_the_same_bits(n, rows):
+    """From 12 rows (int4; 24 for int8) the weights are unpacked a panel at a time (prefill chunks,
+    large decode batches): the same integer dots and FMA chain as the one-row loop, so every row's bits
+    equal its own single-row call."""
     g = torch.Generator().manual_seed(n)
     q, scale, min_ = _weights(n, 96, seed=n)
-    x = torch.randn(31, 96, generator=g)  # five full 6-row tiles and a remainder row
+    x = torch.randn(rows, 96, generator=g)  # 6-row tiles and a 4-row (16) or 1-row (31) remainder tile
     x[4, :32] = 0  # an all-zero group
     q4 = quant.pack_q4(q, scale, min_)
     out = torch.ops.phiserve.int4_linear(x, *q4)
@@ -91,7 +93,7 @@ def test_many_rows_take_the_panel_loop_with_the_same_bits(n):
     q8p = quant.pack_q8(q8, s8)
     out8 = torch.ops.phiserve.int8_linear(x, *q8p)
     torch.testing.assert_close(out8.double(), _kernel_reference(x, q8, s8, None), rtol=1e-6, atol=1e-6)
-    for i in range(31):
+    for i in range(rows):
         assert torch.equal(torch.ops.phiserve.int4_linear(x[i : i + 1].contiguous(), *q4)[0], out[i])
         assert torch.equal(torch.ops.phiserve.int8_linear(x[i : i + 1].contiguous(), *q8p)[0], out8[i])
 
@@ -252,10 +254,11 @@ def test_portable_path_computes_what_the_avx2_path_does(tmp_path):
     assert torch.equal(portable.int4_linear(x, *quant.pack_q4(q, scale, min_)), fast.int4_linear(x, *quant.pack_q4(q, scale, min_)))
     q8, s8 = quant.quantize_q8(torch.randn(40, 96, generator=g))
     assert torch.equal(portable.int8_linear(x, *quant.pack_q8(q8, s8)), fast.int8_linear(x, *quant.pack_q8(q8, s8)))
-    rows = torch.randn(30, 96, generator=g)  # the AVX2 path's panel loop (>= 24 rows), incl. the asm tile
     q4 = quant.pack_q4(q, scale, min_)
-    assert torch.equal(portable.int4_linear(rows, *q4), fast.int4_linear(rows, *q4))
-    assert torch.equal(portable.int8_linear(rows, *quant.pack_q8(q8, s8)), fast.int8_linear(rows, *quant.pack_q8(q8, s8)))
+    for m in (14, 29):  # the AVX2 path's panel loop: the asm 6-row tile, then a 2- or 5-row tile
+        rows = torch.randn(m, 96, generator=g)
+        assert torch.equal(portable.int4_linear(rows, *q4), fast.int4_linear(rows, *q4))
+        assert torch.equal(portable.int8_linear(rows, *quant.pack_q8(q8, s8)), fast.int8_linear(rows, *quant.pack_q8(q8, s8)))
     gate_up, w = torch.randn(3, 64, generator=g), torch.randn(96, generator=g)
     torch.testing.assert_close(portable.silu_mul(gate_up), fast.silu_mul(gate_up))
     torch.testing.assert_close(portable.rms_norm(x, w, 1e-5), fast.rms_norm(x, w, 1e-5))

@@ -313,7 +313,7 @@ void block_rows(int64_t m, int64_t M, const int32_t* xp, const float* sx, const 
 }
 
 // ---- Many rows: the same arithmetic over weights unpacked a panel at a time -------------------------
-// From kPanelMinRows rows (prefill chunks, large decode batches) the layer is compute-bound, and
+// From panel_min_rows rows (prefill chunks, large decode batches) the layer is compute-bound, and
 // unpacking the nibble planes inside tile() (a shift and a mask per 16 weights, for every 4 rows)
 // costs more than the multiply-adds. So two blocks of 8 features are unpacked once into an int16
 // panel [K/2][2][16] that every 6-row tile then reads. The integer dots and the FMA chain are tile()'s,
@@ -323,7 +323,10 @@ void block_rows(int64_t m, int64_t M, const int32_t* xp, const float* sx, const 
 // 1.05-1.15x the fp32 kernel over dequantized panels that prefill used before.
 constexpr int64_t kPanel = 16;  // features per panel: two blocks of 8
 constexpr int64_t kPanelRows = 6;  // rows per register tile: 6 x 2 accumulators + 2 weights + input + product
-constexpr int64_t kPanelMinRows = 24;  // measured crossover with tile() (30 layers' shapes): 0.9x at 16 rows, 1.1x at 24
+// Rows from which the panel path beats tile() (A/B in one process, the 30 layers' int4 shapes: 1.01-1.04x
+// at 12 rows, 1.08-1.12x at 16-20, 1.3x at 23, 0.83x at 8; the int8 output head, whose tile() needs
+// no nibble unpacking: 0.91-0.97x at 12-23 rows, so it keeps the measured 24).
+constexpr int64_t panel_min_rows(int bits) { return bits == 4 ? 12 : 24; }
 
 #if defined(PHISERVE_AVX2) && defined(__GNUC__) && defined(__x86_64__)
 #define PHISERVE_PANEL_ASM 1
@@ -444,6 +447,61 @@ void panel_tile6(const int32_t* xp, const float* sx, const float* xsum, int64_t 
     for (int64_t c = 0; c < width; c += kLanes) _mm256_storeu_ps(out + r * N + c, _mm256_load_ps(acc + r * kPanel + c));
 }
 
+// R (1-5) rows against one panel: panel_tile6's operations for the rows its 6-row tiles leave, so a
+// row's bits do not depend on which tile it falls in. Intrinsics: R x 2 accumulators, 2 weights and
+// an input fit the 16 registers (only 6 rows spilled).
+template <int R, bool Mins>
+void panel_tile_few(const int32_t* xp, const float* sx, const float* xsum, int64_t K, const __m256i* panel,
+                    const float* d, const float* mn, int64_t width, float* out, int64_t N) {
+  const int64_t G = K / kGroup;
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i dot[R][2];
+    for (int r = 0; r < R; ++r) dot[r][0] = dot[r][1] = _mm256_setzero_si256();
+    const int32_t* xg = xp + g * (kGroup / 2);
+    const __m256i* pg = panel + g * kGroup;
+    for (int p = 0; p < kGroup / 2; ++p) {
+      const __m256i w0 = _mm256_loadu_si256(pg + 2 * p), w1 = _mm256_loadu_si256(pg + 2 * p + 1);
+      for (int r = 0; r < R; ++r) {
+        const __m256i a = _mm256_set1_epi32(xg[r * K / 2 + p]);
+        dot[r][0] = _mm256_add_epi32(dot[r][0], _mm256_madd_epi16(w0, a));
+        dot[r][1] = _mm256_add_epi32(dot[r][1], _mm256_madd_epi16(w1, a));
+      }
+    }
+    const __m256 d0 = _mm256_loadu_ps(d + g * kPanel), d1 = _mm256_loadu_ps(d + g * kPanel + kLanes);
+    for (int r = 0; r < R; ++r) {
+      const __m256 s = _mm256_set1_ps(sx[r * G + g]);
+      acc[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r][0]), _mm256_mul_ps(d0, s), acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r][1]), _mm256_mul_ps(d1, s), acc[r][1]);
+    }
+    if constexpr (Mins) {
+      const __m256 m0 = _mm256_loadu_ps(mn + g * kPanel), m1 = _mm256_loadu_ps(mn + g * kPanel + kLanes);
+      for (int r = 0; r < R; ++r) {
+        const __m256 t = _mm256_set1_ps(xsum[r * G + g]);
+        acc[r][0] = _mm256_fmadd_ps(m0, t, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(m1, t, acc[r][1]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int64_t c = 0; c < width; c += kLanes) _mm256_storeu_ps(out + r * N + c, acc[r][c / kLanes]);
+}
+
+template <int Bits>
+void panel_tile_rest(int64_t rows, const int32_t* xp, const float* sx, const float* xsum, int64_t K,
+                     const __m256i* panel, const float* d, const float* mn, int64_t width, float* out, int64_t N) {
+  constexpr bool kMins = Bits == 4;
+  switch (rows) {
+    case 1: panel_tile_few<1, kMins>(xp, sx, xsum, K, panel, d, mn, width, out, N); break;
+    case 2: panel_tile_few<2, kMins>(xp, sx, xsum, K, panel, d, mn, width, out, N); break;
+    case 3: panel_tile_few<3, kMins>(xp, sx, xsum, K, panel, d, mn, width, out, N); break;
+    case 4: panel_tile_few<4, kMins>(xp, sx, xsum, K, panel, d, mn, width, out, N); break;
+    case 5: panel_tile_few<5, kMins>(xp, sx, xsum, K, panel, d, mn, width, out, N); break;
+    default: break;
+  }
+}
+
 template <int Bits>
 void panel_linear(int64_t M, int64_t K, int64_t NB, const int32_t* xp, const float* sx, const float* xs, const int32_t* qp,
                   const at::Half* sp, const at::Half* mp, float* op) {
@@ -472,9 +530,8 @@ void panel_linear(int64_t M, int64_t K, int64_t NB, const int32_t* xp, const flo
       for (; m + kPanelRows <= M; m += kPanelRows)
         panel_tile6<Bits>(xp + m * K / 2, sx + m * G, xs + m * G, K, panel.data(), d.data(), mn.data(), blocks * kLanes,
                           op + m * N + b0 * kLanes, N);
-      for (int64_t bb = 0; bb < blocks; ++bb)  // the last 0-5 rows: the few-row loop, same bits
-        block_rows<Bits>(m, M, xp, sx, xs, K, qp + (b0 + bb) * block_q, sp + (b0 + bb) * block_s,
-                         mp != nullptr ? mp + (b0 + bb) * block_s : nullptr, op + (b0 + bb) * kLanes, N);
+      panel_tile_rest<Bits>(M - m, xp + m * K / 2, sx + m * G, xs + m * G, K, panel.data(), d.data(), mn.data(),
+                            blocks * kLanes, op + m * N + b0 * kLanes, N);
     }
   });
 }
@@ -496,7 +553,7 @@ at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& qweight, co
   const at::Half* mp = mins != nullptr ? mins->data_ptr<at::Half>() : nullptr;
   float* op = out.data_ptr<float>();
 #ifdef PHISERVE_PANEL_ASM
-  if (M >= kPanelMinRows) {
+  if (M >= panel_min_rows(Bits)) {
     panel_linear<Bits>(M, K, NB, xp, sx, xs, qp, sp, mp, op);
     return out;
   }
