@@ -82,7 +82,7 @@ def pick_precision(name: str, device: torch.device, is_gguf: bool) -> Precision:
         return Precision(act, None)
     if name == "auto":
         # GGUF Q4_1 layers map exactly onto int4. With our kernels every row takes the int16-activation
-        # kernel (from 24 rows over weights unpacked panel by panel), so no dense copy is kept (-425 MiB
+        # kernel (from 12 rows over weights unpacked panel by panel), so no dense copy is kept (-425 MiB
         # on the embedded model); with torch's kernels a dense fp32 copy serves prefill rows ("hybrid").
         # Output head "rescored": a fast copy ranks the vocabulary (our group-int8 kernel, exact for a
         # Q8_0 embedding; else bf16), the top 64 logits are recomputed in fp32. A plain fp32 head costs

@@ -1,6 +1,6 @@
 // CPU kernels: int4/int8 weight-only linear layers (int16 activations against the packed weights;
-// from 24 rows the weights unpacked a panel at a time, same bits), attention of decode rows over the
-// paged KV cache and of prefill chunks, rope + KV write, silu * up, RMSNorm with the residual add
+// from 12 rows (int4; 24 for int8) the weights unpacked a panel at a time, same bits), attention of
+// decode rows over the paged KV cache and of prefill chunks, rope + KV write, silu * up, RMSNorm with the residual add
 // fused, all the layers of a decode-only step in one call, and the sampler's filtered draw.
 //
 // Every kernel computes each row with the same sequence of operations whatever else is in the batch
