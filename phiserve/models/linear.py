@@ -5,11 +5,10 @@ Formats: dense ``float32`` / ``bfloat16`` (GEMM; activations cast at the boundar
 when it builds on this machine, see ``cpu_kernels.py``; torch's packed CPU kernel otherwise). With our
 kernels every row takes one op: it picks its inner loop by the number of rows (small batches stream
 the packed weights, from 12 rows (int4; 24 for int8) they are unpacked a panel at a time) with the
-same bits either way.
-With torch's packed formats, rows of prefill chunks (many rows, compute-bound) and single-token
-decode rows (memory-bound) take different paths: a layer may hold a dense weight ("hybrid") for the
-prefill rows' GEMM. Which rows are which is decided by the runner per sequence, so a row's numerics
-never depend on what else is in the batch.
+same bits either way. With torch's packed formats, rows of prefill chunks (many rows, compute-bound)
+and single-token decode rows (memory-bound) take different paths: a layer may hold a dense weight
+("hybrid") for the prefill rows' GEMM. Which rows are which is decided by the runner per sequence, so
+a row's numerics never depend on what else is in the batch.
 """
 
 from __future__ import annotations

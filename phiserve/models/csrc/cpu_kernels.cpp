@@ -1,7 +1,8 @@
 // CPU kernels: int4/int8 weight-only linear layers (int16 activations against the packed weights;
 // from 12 rows (int4; 24 for int8) the weights unpacked a panel at a time, same bits), attention of
-// decode rows over the paged KV cache and of prefill chunks, rope + KV write, silu * up, RMSNorm with the residual add
-// fused, all the layers of a decode-only step in one call, and the sampler's filtered draw.
+// decode rows over the paged KV cache and of prefill chunks, rope + KV write, silu * up, RMSNorm with
+// the residual add fused, all the layers of a decode-only step in one call, and the sampler's
+// filtered draw.
 //
 // Every kernel computes each row with the same sequence of operations whatever else is in the batch
 // (no reduction is split by batch size), so a request's tokens do not depend on the load.
@@ -298,20 +299,6 @@ void check_weight_only_args(const at::Tensor& x, const at::Tensor& qweight, cons
   }
 }
 
-// Rows [m, M) against one block of 8 features (q, s, mn and o at the block): row tiles of 4, 2 and 1,
-// then the portable path for whatever the vector code left.
-template <int Bits>
-void block_rows(int64_t m, int64_t M, const int32_t* xp, const float* sx, const float* xs, int64_t K, const int32_t* q,
-                const at::Half* s, const at::Half* mn, float* o, int64_t N) {
-  const int64_t G = K / kGroup;
-#ifdef PHISERVE_AVX2
-  for (; m + 4 <= M; m += 4) tile<Bits, 4, 1>(xp + m * K / 2, sx + m * G, xs + m * G, K, q, s, mn, o + m * N, N);
-  for (; m + 2 <= M; m += 2) tile<Bits, 2, 1>(xp + m * K / 2, sx + m * G, xs + m * G, K, q, s, mn, o + m * N, N);
-  for (; m < M; ++m) tile<Bits, 1, 1>(xp + m * K / 2, sx + m * G, xs + m * G, K, q, s, mn, o + m * N, N);
-#endif
-  tile_scalar<Bits>(xp + m * K / 2, sx + m * G, xs + m * G, M - m, K, q, s, mn, o + m * N, N);
-}
-
 // ---- Many rows: the same arithmetic over weights unpacked a panel at a time -------------------------
 // From panel_min_rows rows (prefill chunks, large decode batches) the layer is compute-bound, and
 // unpacking the nibble planes inside tile() (a shift and a mask per 16 weights, for every 4 rows)
@@ -450,7 +437,7 @@ void panel_tile6(const int32_t* xp, const float* sx, const float* xsum, int64_t 
 // R (1-5) rows against one panel: panel_tile6's operations for the rows its 6-row tiles leave, so a
 // row's bits do not depend on which tile it falls in. Intrinsics: R x 2 accumulators, 2 weights and
 // an input fit the 16 registers (only 6 rows spilled).
-template <int R, bool Mins>
+template <int Bits, int R>
 void panel_tile_few(const int32_t* xp, const float* sx, const float* xsum, int64_t K, const __m256i* panel,
                     const float* d, const float* mn, int64_t width, float* out, int64_t N) {
   const int64_t G = K / kGroup;
@@ -475,7 +462,7 @@ void panel_tile_few(const int32_t* xp, const float* sx, const float* xsum, int64
       acc[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r][0]), _mm256_mul_ps(d0, s), acc[r][0]);
       acc[r][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r][1]), _mm256_mul_ps(d1, s), acc[r][1]);
     }
-    if constexpr (Mins) {
+    if constexpr (Bits == 4) {
       const __m256 m0 = _mm256_loadu_ps(mn + g * kPanel), m1 = _mm256_loadu_ps(mn + g * kPanel + kLanes);
       for (int r = 0; r < R; ++r) {
         const __m256 t = _mm256_set1_ps(xsum[r * G + g]);
@@ -491,13 +478,12 @@ void panel_tile_few(const int32_t* xp, const float* sx, const float* xsum, int64
 template <int Bits>
 void panel_tile_rest(int64_t rows, const int32_t* xp, const float* sx, const float* xsum, int64_t K,
                      const __m256i* panel, const float* d, const float* mn, int64_t width, float* out, int64_t N) {
-  constexpr bool kMins = Bits == 4;
   switch (rows) {
-    case 1: panel_tile_few<1, kMins>(xp, sx, xsum, K, panel, d, mn, width, out, N); break;
-    case 2: panel_tile_few<2, kMins>(xp, sx, xsum, K, panel, d, mn, width, out, N); break;
-    case 3: panel_tile_few<3, kMins>(xp, sx, xsum, K, panel, d, mn, width, out, N); break;
-    case 4: panel_tile_few<4, kMins>(xp, sx, xsum, K, panel, d, mn, width, out, N); break;
-    case 5: panel_tile_few<5, kMins>(xp, sx, xsum, K, panel, d, mn, width, out, N); break;
+    case 1: panel_tile_few<Bits, 1>(xp, sx, xsum, K, panel, d, mn, width, out, N); break;
+    case 2: panel_tile_few<Bits, 2>(xp, sx, xsum, K, panel, d, mn, width, out, N); break;
+    case 3: panel_tile_few<Bits, 3>(xp, sx, xsum, K, panel, d, mn, width, out, N); break;
+    case 4: panel_tile_few<Bits, 4>(xp, sx, xsum, K, panel, d, mn, width, out, N); break;
+    case 5: panel_tile_few<Bits, 5>(xp, sx, xsum, K, panel, d, mn, width, out, N); break;
     default: break;
   }
 }
@@ -573,13 +559,17 @@ at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& qweight, co
         const at::Half* s = sp + (b + bb) * block_s;
         const at::Half* mn = mp != nullptr ? mp + (b + bb) * block_s : nullptr;
         float* o = op + (b + bb) * kLanes;
+        int64_t m = 0;
 #ifdef PHISERVE_AVX2
         if (M == 1 && blocks == 2) {  // one row: both blocks at once, so more independent chains overlap
           tile<Bits, 1, 2>(xp, sx, xs, K, q, s, mn, o, N);
           break;
         }
+        for (; m + 4 <= M; m += 4) tile<Bits, 4, 1>(xp + m * K / 2, sx + m * G, xs + m * G, K, q, s, mn, o + m * N, N);
+        for (; m + 2 <= M; m += 2) tile<Bits, 2, 1>(xp + m * K / 2, sx + m * G, xs + m * G, K, q, s, mn, o + m * N, N);
+        for (; m < M; ++m) tile<Bits, 1, 1>(xp + m * K / 2, sx + m * G, xs + m * G, K, q, s, mn, o + m * N, N);
 #endif
-        block_rows<Bits>(0, M, xp, sx, xs, K, q, s, mn, o, N);
+        tile_scalar<Bits>(xp + m * K / 2, sx + m * G, xs + m * G, M - m, K, q, s, mn, o + m * N, N);
       }
     }
   });
