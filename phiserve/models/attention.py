@@ -78,6 +78,32 @@ class AttentionMetadata:
     decodes: DecodeRows | None = None
     prefills: tuple[PrefillSpan, ...] = ()
 
+    def for_rows(self, rows: list[int]) -> AttentionMetadata | None:
+        """The metadata of the batch cut down to ``rows`` (ascending), for attention only (their K/V
+        are already in the cache): every decode row and, of each prefill chunk, a suffix (the rows
+        that sample). None where the rows are not of that form."""
+        kept = set(rows)
+        spans = []
+        for span in self.prefills:
+            n = sum(1 for r in range(span.start, span.start + span.length) if r in kept)
+            if any(r not in kept for r in range(span.start + span.length - n, span.start + span.length)):
+                return None  # not a suffix
+            if n:
+                # a chunk's queries sit at the end of its context: the suffix keeps its own positions
+                end = span.start + span.length
+                context = self.slot_mapping[span.start : end] if span.context_slots is None else span.context_slots
+                spans.append(PrefillSpan(rows.index(end - n), n, context))
+        dec = self.decodes
+        decodes, count = None, 0
+        if dec is not None:
+            count = dec.context_lens.numel()
+            if rows[len(rows) - count :] != list(range(dec.start, dec.start + count)):
+                return None
+            decodes = DecodeRows(len(rows) - count, dec.block_tables, dec.context_lens, dec.block_size)
+        if sum(span.length for span in spans) + count != len(rows):
+            return None  # a row in neither
+        return AttentionMetadata(self.slot_mapping[rows], decodes, tuple(spans))
+
     @classmethod
     def single_decode(cls, position: int) -> AttentionMetadata:
         """One sequence decoding its token at ``position``, its cache held in slots 0..position."""

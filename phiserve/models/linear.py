@@ -89,11 +89,12 @@ class Linear(nn.Module):
         # on the batch): greedy choices and the probability mass that sampling sees are fp32-exact;
         # only the far tail keeps the copy's rounding.
         logits = self.approx(x).float()
-        if cpu_kernels.usable(logits):  # one selection scan per row: torch.topk took ~0.4 ms a row after a decode step
+        if cpu_kernels.usable(logits, self.weight):  # one selection scan per row: torch.topk took ~0.4 ms a row after a decode step
             top = torch.ops.phiserve.top_k_indices(logits.contiguous(), self.rescore_top)  # [M, k]
+            exact = torch.ops.phiserve.rows_dot(x.float().contiguous(), self.weight, top)
         else:
             top = logits.topk(self.rescore_top, dim=-1).indices
-        exact = (x.float()[:, None, :] * self.weight[top].float()).sum(-1)
+            exact = (x.float()[:, None, :] * self.weight[top].float()).sum(-1)
         return logits.scatter_(1, top, exact).to(x.dtype)
 
     def set_rescored(self, top: int = 64) -> None:

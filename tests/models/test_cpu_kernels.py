@@ -333,6 +333,76 @@ def test_decode_layers_gives_the_bits_of_the_layer_by_layer_decoder(tmp_path, mo
 
 
 @needs_kernels
+def test_the_last_layer_skips_rows_that_sample_nothing_without_changing_a_bit(tmp_path, monkeypatch):
+    """A mixed step (a prompt's last chunk, a chunk that does not finish its prompt, two decodes): the
+    last layer runs attention and MLP for the three sampling rows only. Logits and every K/V written
+    must be bitwise those of the full layer."""
+    from phiserve.models import decoder as decoder_module
+    from phiserve.models.attention import AttentionMetadata, DecodeRows, PrefillSpan
+    from phiserve.models.loader import load_model
+    from tests.models.tiny_checkpoints import VOCAB, make_llama
+
+    make_llama(tied=False, seed=4).save_pretrained(tmp_path)
+    _, model, _ = load_model(str(tmp_path), weight_format="int4")
+    cfg, block = model.config, 4
+    shape = (64, cfg.num_kv_heads, cfg.head_dim)
+    caches = [(torch.zeros(shape, dtype=torch.float16), torch.zeros(shape, dtype=torch.float16)) for _ in range(cfg.num_layers)]
+    g = torch.Generator().manual_seed(1)
+    lengths, tables = [5, 11], [[0, 1], [2, 3, 4]]  # two decoding sequences, their contexts written first
+    with torch.inference_mode():
+        for n, table in zip(lengths, tables, strict=True):
+            slots = torch.tensor([table[p // block] * block + p % block for p in range(n - 1)])
+            model(torch.randint(0, VOCAB, (n - 1,), generator=g), torch.arange(n - 1), caches, AttentionMetadata(slots, prefills=(PrefillSpan(0, n - 1, None),)))
+        # a prompt whose first 3 tokens are cached (slots 20-22): this step's chunk is its last 4
+        model(torch.randint(0, VOCAB, (3,), generator=g), torch.arange(3), caches, AttentionMetadata(torch.arange(20, 23), prefills=(PrefillSpan(0, 3, None),)))
+    decode_slots = [t[(n - 1) // block] * block + (n - 1) % block for n, t in zip(lengths, tables, strict=True)]
+    slot_mapping = torch.tensor([23, 24, 25, 26, *range(32, 38), *decode_slots])  # chunk 1, chunk 2 (new, unfinished), decodes
+    positions = torch.tensor([3, 4, 5, 6, *range(6), *(n - 1 for n in lengths)])
+    meta = AttentionMetadata(
+        slot_mapping,
+        decodes=DecodeRows(10, torch.tensor([t + [0] * (3 - len(t)) for t in tables], dtype=torch.int32), torch.tensor(lengths, dtype=torch.int32), block),
+        prefills=(PrefillSpan(0, 4, torch.arange(20, 27)), PrefillSpan(4, 6, None)),
+    )
+    ids = torch.randint(0, VOCAB, (12,), generator=g)
+    logits_rows = torch.tensor([3, 10, 11])
+
+    def step(prune: bool, rows: slice, meta: AttentionMetadata, logits_rows: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        monkeypatch.setattr(decoder_module.Decoder, "prune_last_layer", prune)
+        step_caches = [(k.clone(), v.clone()) for k, v in caches]
+        with torch.inference_mode():
+            logits = model(ids[rows], positions[rows], step_caches, meta, logits_rows, dense_rows=10)
+        return logits, [c for pair in step_caches for c in pair]
+
+    pruned_calls = []
+    original = decoder_module.DecoderLayer.forward_rows
+    monkeypatch.setattr(decoder_module.DecoderLayer, "forward_rows", lambda self, *a: pruned_calls.append(1) or original(self, *a))
+    # the step above, and the unfinished chunk alone (no row samples: the last layer writes K/V only)
+    alone = AttentionMetadata(slot_mapping[4:10], prefills=(PrefillSpan(0, 6, None),))
+    for rows, step_meta, sampling in ((slice(0, 12), meta, logits_rows), (slice(4, 10), alone, torch.tensor([], dtype=torch.long))):
+        pruned, pruned_caches = step(True, rows, step_meta, sampling)
+        full, full_caches = step(False, rows, step_meta, sampling)
+        assert pruned.shape == (len(sampling), VOCAB) and pruned.isfinite().all()
+        assert torch.equal(pruned, full)
+        assert all(torch.equal(a, b) for a, b in zip(pruned_caches, full_caches, strict=True))
+    assert pruned_calls == [1, 1]
+
+
+def test_metadata_for_the_sampling_rows_keeps_their_positions():
+    from phiserve.models.attention import AttentionMetadata, DecodeRows, PrefillSpan
+
+    decodes = DecodeRows(9, torch.zeros(2, 3, dtype=torch.int32), torch.tensor([5, 7], dtype=torch.int32), 4)
+    meta = AttentionMetadata(torch.arange(100, 111), decodes, (PrefillSpan(0, 4, torch.arange(50, 54)), PrefillSpan(4, 5, None)))
+    rows = meta.for_rows([3, 7, 8, 9, 10])
+    assert rows is not None and rows.slot_mapping.tolist() == [103, 107, 108, 109, 110]
+    first, second = rows.prefills
+    assert (first.start, first.length, first.context_slots.tolist()) == (0, 1, [50, 51, 52, 53])
+    assert (second.start, second.length, second.context_slots.tolist()) == (1, 2, [104, 105, 106, 107, 108])
+    assert rows.decodes is not None and rows.decodes.start == 3 and rows.decodes.context_lens.tolist() == [5, 7]
+    assert meta.for_rows([2, 8, 9, 10]) is None  # not a suffix of the first chunk
+    assert meta.for_rows([3, 8, 10]) is None  # a decode row left out
+
+
+@needs_kernels
 def test_a_prompt_gives_the_same_logits_in_one_chunk_or_over_a_cached_prefix(tmp_path):
     """The engine prefills long prompts in chunks and answers repeated prefixes from the cache: the
     prompt's last logits must be bitwise those of one cold pass (int4 linears, float16 paged cache)."""
@@ -379,3 +449,17 @@ def test_top_k_indices_match_torch_topk(k):
         assert torch.equal(got[row], want_ids[row])
     with pytest.raises(RuntimeError, match="k must be"):
         torch.ops.phiserve.top_k_indices(x, 49153)
+
+
+@needs_kernels
+def test_rows_dot_recomputes_the_candidates_exactly_and_per_row():
+    g = torch.Generator().manual_seed(7)
+    x, w = torch.randn(5, 576, generator=g), torch.randn(1000, 576, generator=g)
+    idx = torch.randint(0, 1000, (5, 64), generator=g)
+    out = torch.ops.phiserve.rows_dot(x, w, idx)
+    reference = (x.double()[:, None, :] * w.double()[idx]).sum(-1)
+    assert torch.allclose(out.double(), reference, rtol=1e-5, atol=1e-4)
+    for r in range(5):  # a row's values do not depend on the other rows
+        assert torch.equal(torch.ops.phiserve.rows_dot(x[r : r + 1], w, idx[r : r + 1]), out[r : r + 1])
+    with pytest.raises(RuntimeError, match="out of range"):
+        torch.ops.phiserve.rows_dot(x, w, torch.full((5, 2), 1000))
