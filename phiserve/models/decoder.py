@@ -88,18 +88,7 @@ class Attention(nn.Module):
         self.o_proj = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size)
         self.scale = cfg.head_dim**-0.5
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        kv_cache: tuple[torch.Tensor, torch.Tensor] | None,
-        meta: AttentionMetadata | None,
-        dense_rows: int | None,
-    ) -> torch.Tensor:
-        q, k, v = self.project(x, cos, sin, kv_cache, meta, dense_rows)
-        return self.attend(q, k, v, kv_cache, meta, dense_rows)
-
+    # Two halves instead of forward(): the last layer projects every row but attends for some (DecoderLayer.forward_rows).
     def project(
         self,
         x: torch.Tensor,
@@ -172,7 +161,8 @@ class DecoderLayer(nn.Module):
         """x: the residual stream, updated in place; delta: the previous layer's output, not yet added
         (None for the first layer). Returns this layer's output, which the next norm adds."""
         h = self.input_layernorm(x, delta)
-        h = self.post_attention_layernorm(x, self.self_attn(h, cos, sin, kv_cache, meta, dense_rows))
+        q, k, v = self.self_attn.project(h, cos, sin, kv_cache, meta, dense_rows)
+        h = self.post_attention_layernorm(x, self.self_attn.attend(q, k, v, kv_cache, meta, dense_rows))
         return self.mlp(h, dense_rows)
 
     def forward_rows(self, x, delta, cos, sin, kv_cache, meta, dense_rows, rows, rows_meta, rows_dense):  # noqa: ANN001, ANN201
