@@ -10,6 +10,7 @@ or torch's SDPA (flash attention on CUDA) elsewhere.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -79,20 +80,20 @@ class AttentionMetadata:
     prefills: tuple[PrefillSpan, ...] = ()
 
     def for_rows(self, rows: list[int]) -> AttentionMetadata | None:
-        """The metadata of the batch cut down to ``rows`` (ascending), for attention only (their K/V
-        are already in the cache): every decode row and, of each prefill chunk, a suffix (the rows
-        that sample). None where the rows are not of that form."""
-        kept = set(rows)
+        """The metadata of the batch cut down to ``rows`` (ascending, distinct), for attention only
+        (their K/V are already in the cache): every decode row and, of each prefill chunk, a suffix
+        (the rows that sample). None where the rows are not of that form."""
         spans = []
         for span in self.prefills:
-            n = sum(1 for r in range(span.start, span.start + span.length) if r in kept)
-            if any(r not in kept for r in range(span.start + span.length - n, span.start + span.length)):
+            end = span.start + span.length
+            first, stop = bisect_left(rows, span.start), bisect_left(rows, end)
+            n = stop - first
+            if n and rows[first] != end - n:
                 return None  # not a suffix
             if n:
                 # a chunk's queries sit at the end of its context: the suffix keeps its own positions
-                end = span.start + span.length
                 context = self.slot_mapping[span.start : end] if span.context_slots is None else span.context_slots
-                spans.append(PrefillSpan(rows.index(end - n), n, context))
+                spans.append(PrefillSpan(first, n, context))
         dec = self.decodes
         decodes, count = None, 0
         if dec is not None:

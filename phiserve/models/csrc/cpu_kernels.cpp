@@ -1188,12 +1188,10 @@ at::Tensor rows_dot(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   float* op = out.data_ptr<float>();
   at::parallel_for(0, M * k, 16, [&](int64_t i0, int64_t i1) {
     constexpr int64_t kAhead = 4;  // rows are scattered over the vocabulary: fetch a few ahead
-    for (int64_t i = i0; i < std::min(i1, i0 + kAhead); ++i)
-      for (int64_t c = 0; c < K; c += 16) __builtin_prefetch(wp + ip[i] * K + c);
-    for (int64_t i = i0; i < i1; ++i) {
+    for (int64_t i = i0 - kAhead; i < i1; ++i) {
       if (i + kAhead < i1)
         for (int64_t c = 0; c < K; c += 16) __builtin_prefetch(wp + ip[i + kAhead] * K + c);
-      op[i] = dot(xp + i / k * K, wp + ip[i] * K, K);
+      if (i >= i0) op[i] = dot(xp + i / k * K, wp + ip[i] * K, K);
     }
   });
   return out;
