@@ -404,6 +404,15 @@ async def one_request(session: aiohttp.ClientSession, url: str, body: dict) -> R
     )
 
 
+def client_session(concurrency: int, timeout: float) -> aiohttp.ClientSession:
+    # A fresh connection per request: llama-server closes a kept-alive connection after a streamed
+    # response, and a client reusing it then fails the next request ("Can not write request body").
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=concurrency + 2, force_close=True),
+        timeout=aiohttp.ClientTimeout(total=timeout, connect=30.0),
+    )
+
+
 def run_async(coro: Any) -> Any:
     """asyncio.run on uvloop where it is installed (a cheaper event loop for the client)."""
     try:
@@ -447,10 +456,7 @@ async def run_workload(base: str, model_name: str, wl: Workload, temperature: fl
     for i in range(len(wl.prompts)):
         queue.put_nowait(i)
     results: list[RequestResult | None] = [None] * len(wl.prompts)
-    async with aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=wl.concurrency + 2),
-        timeout=aiohttp.ClientTimeout(total=timeout, connect=30.0),
-    ) as session:
+    async with client_session(wl.concurrency, timeout) as session:
 
         async def worker() -> None:
             while True:
