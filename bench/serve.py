@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -309,19 +308,24 @@ def expand(cmd: str, **values: Any) -> list[str]:
 
 def wait_ready(proc: subprocess.Popen, base: str, timeout: float) -> float | None:
     """Seconds from now until /health answers 200 or /v1/models does; None if never."""
-    t0 = time.perf_counter()
-    with httpx.Client(timeout=2.0, trust_env=False) as c:
-        while time.perf_counter() - t0 < timeout:
-            if proc.poll() is not None:
-                return None
-            for path in ("/health", "/v1/models"):
-                try:
-                    if c.get(base + path).status_code == 200:
-                        return time.perf_counter() - t0
-                except httpx.HTTPError:
-                    pass
-            time.sleep(0.05)
-    return None
+
+    async def poll() -> float | None:
+        t0 = time.perf_counter()
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as session:
+            while time.perf_counter() - t0 < timeout:
+                if proc.poll() is not None:
+                    return None
+                for path in ("/health", "/v1/models"):
+                    try:
+                        async with session.get(base + path) as resp:
+                            if resp.status == 200:
+                                return time.perf_counter() - t0
+                    except (aiohttp.ClientError, TimeoutError):
+                        pass
+                await asyncio.sleep(0.05)
+        return None
+
+    return run_async(poll())
 
 
 # ---------------------------------------------------------------- client
@@ -590,10 +594,13 @@ def run_server(
 
 
 def served_name(base: str) -> str:
+    async def get() -> str:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10.0)) as session:
+            async with session.get(base + "/v1/models") as resp:
+                return json.loads(await resp.read())["data"][0]["id"]
+
     try:
-        with httpx.Client(timeout=10.0, trust_env=False) as c:
-            data = c.get(base + "/v1/models").json()["data"]
-            return data[0]["id"]
+        return run_async(get())
     except Exception:
         return "default"
 
