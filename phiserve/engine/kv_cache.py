@@ -5,6 +5,9 @@ are equal). Full, computed blocks are registered under a hash chained from their
 so a new sequence finds every cached block of its prefix. Blocks whose reference count falls to zero
 stay in the prefix cache and join the free queue; allocation takes the least recently freed block
 and only then forgets its hash (LRU eviction).
+
+Blocks never used yet come first in the free queue and are created on first use, so a pool of any
+size costs nothing up front (a 13 MB test model given 90% of an H200 has ~10^8 blocks).
 """
 
 from __future__ import annotations
@@ -32,15 +35,19 @@ class BlockManager:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.enable_prefix_caching = enable_prefix_caching
-        self.blocks = [Block(i) for i in range(num_blocks)]
-        # Insertion order = order of freeing; popitem(last=False) takes the least recently freed.
-        self.free_blocks: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.blocks: list[Block] = []  # block i exists once it was first allocated; ids len(blocks).. are unused
+        # Freed blocks; insertion order = order of freeing; popitem(last=False) takes the least recently freed.
+        self.free_blocks: OrderedDict[int, None] = OrderedDict()
         self.cached: dict[int, int] = {}  # block hash -> block id
         self.prefix_hits = 0  # tokens served from the cache, for metrics
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free_blocks)
+        return self.num_blocks - len(self.blocks) + len(self.free_blocks)
+
+    def free_queue(self) -> list[int]:
+        """Free block ids in the order allocation takes them: never used ones, then freed ones, LRU first."""
+        return [*range(len(self.blocks), self.num_blocks), *self.free_blocks]
 
     def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
         total = seq.num_computed_tokens + num_new_tokens
@@ -73,17 +80,20 @@ class BlockManager:
     def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Give seq enough blocks to hold num_new_tokens more computed tokens. False (and no change) if the pool is short."""
         need = self.blocks_needed(seq, num_new_tokens)
-        if need > len(self.free_blocks):
+        if need > self.num_free_blocks:
             return False
         for _ in range(need):
-            block_id, _ = self.free_blocks.popitem(last=False)
-            block = self.blocks[block_id]
-            if block.hash is not None:  # evict: this block's cached contents are about to be overwritten
-                if self.cached.get(block.hash) == block_id:
-                    del self.cached[block.hash]
-                block.hash, block.token_ids = None, ()
+            if len(self.blocks) < self.num_blocks:  # unused blocks are first in the queue
+                block = Block(len(self.blocks))
+                self.blocks.append(block)
+            else:
+                block = self.blocks[self.free_blocks.popitem(last=False)[0]]
+                if block.hash is not None:  # evict: this block's cached contents are about to be overwritten
+                    if self.cached.get(block.hash) == block.block_id:
+                        del self.cached[block.hash]
+                    block.hash, block.token_ids = None, ()
             block.ref_count = 1
-            seq.block_table.append(block_id)
+            seq.block_table.append(block.block_id)
         return True
 
     def register_computed(self, seq: Sequence) -> None:
