@@ -31,6 +31,10 @@ class RMSNorm(nn.Module):
             if residual is None:
                 return torch.ops.phiserve.rms_norm(x, self.weight, self.eps)
             return torch.ops.phiserve.add_rms_norm_(x, residual.contiguous(), self.weight, self.eps)
+        if x.dim() == 2 and x.is_cuda:
+            from phiserve.models import triton_kernels  # one launch for the add and the norm
+
+            return triton_kernels.add_rms_norm(x, self.weight, self.eps, residual)
         if residual is not None:
             x.add_(residual)
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
@@ -145,6 +149,10 @@ class MLP(nn.Module):
         gate_up = self.gate_up_proj(x, dense_rows)
         if gate_up.dim() == 2 and cpu_kernels.usable(gate_up):
             return self.down_proj(torch.ops.phiserve.silu_mul(gate_up), dense_rows)
+        if gate_up.dim() == 2 and gate_up.is_cuda:
+            from phiserve.models import triton_kernels
+
+            return self.down_proj(triton_kernels.silu_mul(gate_up), dense_rows)
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up, dense_rows)
 

@@ -1,4 +1,5 @@
-"""Our CUDA kernels (Triton): decode attention over the paged KV cache, and rope + KV cache write.
+"""Our CUDA kernels (Triton): decode attention over the paged KV cache, rope + KV cache write, the
+residual add + RMSNorm, and SiLU-and-multiply.
 
 Decode attention (flash-decoding): a row's context is cut into ``SPLITS`` equal ranges (multiples of
 ``BLOCK_N`` tokens, so the cut depends only on the row's own length); one program per (row, KV head,
@@ -11,6 +12,10 @@ device: no host synchronisation, so CUDA graphs capture both (``engine/cuda_grap
 Rope + cache: one program per (token, head) rotates q and k (NeoX halves) in fp32, writes the
 rotated k and the v head into their cache slot; one launch instead of the ~16 small ones of the
 torch expression.
+
+Add + RMSNorm and SiLU-and-multiply: one launch each where torch runs two or three tiny ones (at one
+row, Phi-4's 81 norms and 40 MLPs are kernels of a few microseconds each, bound by launch latency
+even inside a CUDA graph). Both compute in fp32 and round once.
 
 Imported only where it runs (CUDA tensors, or Triton's CPU interpreter in the tests): torch's CPU
 wheels do not ship Triton.
@@ -199,3 +204,63 @@ def rope_and_cache(
             HEADS=num_heads, KV_HEADS=num_kv_heads, HEAD_DIM=dim, HALF_PAD=triton.next_power_of_2(dim // 2),
         )  # fmt: skip
     return q, k, v
+
+
+@triton.jit
+def _add_rms_norm_kernel(
+    x_ptr, residual_ptr, weight_ptr, out_ptr, x_row_stride, residual_row_stride, out_row_stride, n, eps,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    i = tl.arange(0, BLOCK)
+    ok = i < n
+    x = tl.load(x_ptr + row * x_row_stride + i, mask=ok, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(residual_ptr + row * residual_row_stride + i, mask=ok, other=0.0).to(tl.float32)
+        # the residual stream is held in x's dtype: round the sum before normalising it, as torch's add_ does
+        x = (x + r).to(x_ptr.dtype.element_ty)
+        tl.store(x_ptr + row * x_row_stride + i, x, mask=ok)
+        x = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n + eps)
+    w = tl.load(weight_ptr + i, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * out_row_stride + i, (x * rstd * w).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [T, N]. With ``residual`` ([T, N]), first ``x += residual`` in place. Returns rms_norm(x) * weight
+    in x's dtype."""
+    if x.dim() != 2 or x.stride(1) != 1 or (residual is not None and (residual.shape != x.shape or residual.stride(1) != 1)):
+        raise ValueError("add_rms_norm: x and residual must be [T, N] and contiguous in their last dimension")
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    rows, n = x.shape
+    if rows:
+        block = triton.next_power_of_2(n)
+        _add_rms_norm_kernel[(rows,)](
+            x, x if residual is None else residual, weight, out, x.stride(0), 0 if residual is None else residual.stride(0),
+            out.stride(0), n, eps, HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 512)),
+        )  # fmt: skip
+    return out
+
+
+SILU_BLOCK = 1024  # columns per program
+
+
+@triton.jit
+def _silu_mul_kernel(gate_up_ptr, out_ptr, gate_up_row_stride, out_row_stride, n, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < n
+    gate = tl.load(gate_up_ptr + row * gate_up_row_stride + i, mask=ok, other=0.0).to(tl.float32)
+    up = tl.load(gate_up_ptr + row * gate_up_row_stride + n + i, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * out_row_stride + i, (gate / (1.0 + tl.exp(-gate)) * up).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up: [T, 2N] (gate, then up). Returns silu(gate) * up, [T, N], in gate_up's dtype."""
+    if gate_up.dim() != 2 or gate_up.stride(1) != 1 or gate_up.shape[1] % 2:
+        raise ValueError("silu_mul: gate_up must be [T, 2N] and contiguous in its last dimension")
+    rows, n = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty(rows, n, dtype=gate_up.dtype, device=gate_up.device)
+    if rows:
+        _silu_mul_kernel[(rows, triton.cdiv(n, SILU_BLOCK))](gate_up, out, gate_up.stride(0), out.stride(0), n, BLOCK=SILU_BLOCK)
+    return out

@@ -1,6 +1,6 @@
 """Our CUDA kernels (Triton): on the GPU where there is one, else in Triton's CPU interpreter (the
 same kernel source, run op by op in NumPy). Decode attention against float64 attention, rope + cache
-write against the torch expression it replaces."""
+write, add + RMSNorm and SiLU-and-multiply against the torch expressions they replace."""
 
 from __future__ import annotations
 
@@ -129,3 +129,51 @@ def test_rope_and_cache_matches_the_torch_expression(kernels, case, dtype) -> No
     untouched = torch.ones(slots_total, dtype=torch.bool)
     untouched[slots] = False
     assert torch.equal(k_cache.cpu()[untouched], sentinel[untouched]) and torch.equal(v_cache.cpu()[untouched], sentinel[untouched])
+
+
+NORM_WIDTHS = {"smollm2": 576, "phi4": 5120, "odd": 100}
+
+
+@pytest.mark.parametrize("width", NORM_WIDTHS.values(), ids=NORM_WIDTHS.keys())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_add_rms_norm_matches_the_torch_expression(kernels, width, dtype) -> None:
+    g = torch.Generator().manual_seed(3)
+    x, residual = (torch.randn(5, width, generator=g).to(dtype) for _ in range(2))
+    weight = (1 + torch.randn(width, generator=g) / 4).to(dtype)
+    eps = 1e-5
+    want_sum = (x.float() + residual.float()).to(dtype)  # the stream is held in its dtype
+    want = torch.nn.functional.rms_norm(want_sum.double(), (width,), weight.double(), eps)
+    x_dev = x.to(DEVICE)
+    out = kernels.add_rms_norm(x_dev, weight.to(DEVICE), eps, residual.to(DEVICE))
+    assert torch.equal(x_dev.cpu(), want_sum), "x += residual in place"
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.cpu().double(), want, atol=tol, rtol=tol)
+    plain = kernels.add_rms_norm(x_dev, weight.to(DEVICE), eps)  # no residual: x is left as it is
+    assert torch.equal(x_dev.cpu(), want_sum)
+    torch.testing.assert_close(plain.cpu(), out.cpu(), atol=0, rtol=0)
+
+
+def test_add_rms_norm_reads_strided_rows(kernels) -> None:
+    """A view of every other row (as a step's sampling rows can be) and an empty batch."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 64, generator=g)
+    weight = torch.rand(64, generator=g) + 0.5
+    out = kernels.add_rms_norm(x[::2].to(DEVICE), weight.to(DEVICE), 1e-6)
+    want = torch.nn.functional.rms_norm(x[::2].double(), (64,), weight.double(), 1e-6)
+    torch.testing.assert_close(out.cpu().double(), want, atol=1e-5, rtol=1e-5)
+    assert kernels.add_rms_norm(torch.empty(0, 64, device=DEVICE), weight.to(DEVICE), 1e-6).shape == (0, 64)
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.add_rms_norm(x.t().to(DEVICE), weight.to(DEVICE), 1e-6)
+
+
+@pytest.mark.parametrize("width", [1536, 17920, 100], ids=["smollm2", "phi4", "odd"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_silu_mul_matches_the_torch_expression(kernels, width, dtype) -> None:
+    g = torch.Generator().manual_seed(5)
+    gate_up = (torch.randn(3, 2 * width, generator=g) * 4).to(dtype)
+    gate, up = gate_up.double().chunk(2, dim=-1)
+    want = torch.nn.functional.silu(gate) * up
+    out = kernels.silu_mul(gate_up.to(DEVICE))
+    assert out.shape == (3, width) and out.dtype == dtype
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.cpu().double(), want, atol=tol, rtol=tol)
