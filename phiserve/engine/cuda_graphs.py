@@ -60,7 +60,7 @@ class DecodeGraphs:
                 )
 
                 def forward(size: int = size, meta: AttentionMetadata = meta) -> torch.Tensor:
-                    return model(self.input_ids[:size], self.positions[:size], kv_caches, meta, None, 0)
+                    return model(self.input_ids[:size], self.positions[:size], kv_caches, meta, None, 0, graph=True)
 
                 forward()  # compiles kernels and picks cuBLAS algorithms outside the capture
                 torch.cuda.synchronize(device)

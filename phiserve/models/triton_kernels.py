@@ -15,7 +15,8 @@ torch expression.
 
 Add + RMSNorm and SiLU-and-multiply: one launch each where torch runs two or three tiny ones (at one
 row, Phi-4's 81 norms and 40 MLPs are kernels of a few microseconds each, bound by launch latency
-even inside a CUDA graph). Both compute in fp32 and round once.
+even inside a CUDA graph). Both compute in fp32 and round once. The decoder uses them in CUDA graphs
+only (``Decoder.forward``'s ``graph``): eagerly, their host-side launch cost outweighs the gain.
 
 Imported only where it runs (CUDA tensors, or Triton's CPU interpreter in the tests): torch's CPU
 wheels do not ship Triton.
