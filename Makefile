@@ -51,7 +51,9 @@ bench: $(STAMP) $(BENCH_STAMP)
 # The batching baseline the issue's targets name: llama.cpp's C++ llama-server, built from the same
 # llama-cpp-python source package (its vendored llama.cpp), ~15 min on 2 cores, into bench/llama.cpp.
 LLAMA_SERVER := bench/llama.cpp/build/bin/llama-server
-LLAMA_SERVER_ARGS ?= -np 16 -c 32768 -t 2 -tb 2
+# -nr: no weight repacking. On AMX CPUs this llama.cpp's AMX kernel for Q4_1 (a repacked format) dies of
+# SIGILL at its first tilezero; elsewhere Q4_1 has no repacked format, so -nr changes nothing.
+LLAMA_SERVER_ARGS ?= -np 16 -c 32768 -t 2 -tb 2 -nr
 $(LLAMA_SERVER): $(BENCH_STAMP)
 	rm -rf bench/llama.cpp bench/.sdist && mkdir -p bench/.sdist
 	$(BENCH_VENV)/bin/pip download -q --no-binary :all: --no-deps -d bench/.sdist \

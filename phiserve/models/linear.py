@@ -5,7 +5,8 @@ Formats: dense ``float32`` / ``bfloat16`` (GEMM; activations cast at the boundar
 when it builds on this machine, see ``cpu_kernels.py``; torch's packed CPU kernel otherwise). With our
 kernels every row takes one op: it picks its inner loop by the number of rows (small batches stream
 the packed weights, from 12 rows (int4; 24 for int8) they are unpacked a panel at a time) with the
-same bits either way. With torch's packed formats, rows of prefill chunks (many rows, compute-bound)
+same bits either way; on CPUs with AMX the prefill rows of an int4 layer take a tile kernel instead
+(its own bits, the same for a row whatever the batch). With torch's packed formats, rows of prefill chunks (many rows, compute-bound)
 and single-token decode rows (memory-bound) take different paths: a layer may hold a dense weight
 ("hybrid") for the prefill rows' GEMM. Which rows are which is decided by the runner per sequence, so
 a row's numerics never depend on what else is in the batch.
@@ -46,7 +47,7 @@ class Linear(nn.Module):
         if self.packed_format is None:
             return self._dense(x)
         if not self.has_dense or dense_rows is None or dense_rows == 0:
-            return self._packed(x)
+            return self._packed(x, min(dense_rows or 0, x.shape[0]))
         if dense_rows >= x.shape[0]:
             return self._dense(x)
         return torch.cat([self._dense(x[:dense_rows]), self._packed(x[dense_rows:])])
@@ -67,12 +68,13 @@ class Linear(nn.Module):
             return F.linear(F.pad(x, (0, 0, 0, MIN_GEMM_ROWS - rows)), w)[:rows]
         return F.linear(x, w)
 
-    def _packed(self, x: torch.Tensor) -> torch.Tensor:
+    def _packed(self, x: torch.Tensor, prefill_rows: int = 0) -> torch.Tensor:
         if self.in_our_format:
             # our kernels take fp32 rows; the decoder's are already (skip the no-op casts: ~1 us each, 240 a step)
             x32 = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
             if self.mins is not None:
-                y = torch.ops.phiserve.int4_linear(x32, self.packed, self.scales, self.mins)
+                # the leading prefill rows take the AMX kernel on CPUs that have one (cpu_kernels.py)
+                y = torch.ops.phiserve.int4_linear(x32, self.packed, self.scales, self.mins, prefill_rows)
             else:
                 y = torch.ops.phiserve.int8_linear(x32, self.packed, self.scales)
             return y if x.dtype == torch.float32 else y.to(x.dtype)
@@ -112,8 +114,10 @@ class Linear(nn.Module):
     def set_dense(self, dtype: torch.dtype) -> None:
         self.weight = nn.Parameter(self.weight.detach().to(dtype), requires_grad=False)
 
-    def set_int4(self, q: torch.Tensor, scale: torch.Tensor, min_: torch.Tensor, keep_dense: bool, act_dtype: torch.dtype = torch.bfloat16) -> None:
-        """Add a packed int4 copy (q in 0..15, w = q * scale + min per group of 32)."""
+    def set_int4(self, q: torch.Tensor, scale: torch.Tensor, min_: torch.Tensor, keep_dense: bool, act_dtype: torch.dtype = torch.float32) -> None:
+        """Add a packed int4 copy (q in 0..15, w = q * scale + min per group of 32). ``act_dtype``: the
+        activations of torch's kernel (no compiler): fp32, since its bf16 rows (error ~4e-3 of the
+        largest output against ~3e-7) flipped a greedy near-tie on an AVX-512 CPU."""
         if q.device.type == "cpu" and q.shape[0] % 8 == 0 and cpu_kernels.available():
             self.packed, self.scales, self.mins = quant.pack_q4(q, scale, min_)
         else:

@@ -108,6 +108,60 @@ def test_rows_do_not_depend_on_the_batch_across_the_panel_threshold():
         assert torch.equal(torch.ops.phiserve.int4_linear(x[:m].contiguous(), *packed), batched[:m])
 
 
+needs_prefill_kernel = pytest.mark.skipif(
+    not (cpu_kernels.available() and torch.ops.phiserve.has_prefill_kernel()), reason="no AMX prefill kernel on this CPU"
+)
+
+
+def _bf16_pair_rows(x: torch.Tensor) -> torch.Tensor:
+    """x as the AMX prefill kernel sees it: hi = bf16(x) plus lo = bf16(x - hi), in float64."""
+    hi = x.bfloat16().float()
+    return hi.double() + (x - hi).bfloat16().double()
+
+
+@needs_prefill_kernel
+@pytest.mark.parametrize(("n", "k", "rows"), [(40, 96, 5), (16, 64, 16), (72, 128, 37), (24, 1536, 3)])
+def test_prefill_rows_on_amx_are_exact_in_the_weights_and_independent_of_the_batch(n, k, rows):
+    """Prefill rows take the tile kernel: int4 weights exact in bf16, activations split in two bf16
+    (~16 bits), products summed in fp32 per group, then the scale-and-min chain. Odd group counts, a
+    half panel (40 = 5 blocks of 8), row counts around the 16-row tile."""
+    g = torch.Generator().manual_seed(k + rows)
+    q, scale, min_ = _weights(n, k, seed=n)
+    packed = quant.pack_q4(q, scale, min_)
+    x = torch.randn(rows, k, generator=g)
+    x[rows // 2, :32] = 0  # an all-zero group
+    out = torch.ops.phiserve.int4_linear(x, *packed, rows)
+    dense = _dense(q, scale, min_)
+    torch.testing.assert_close(out.double(), _bf16_pair_rows(x) @ dense.t(), rtol=0, atol=2e-6 * (x.abs().max() * dense.abs().sum(1).max()).item())
+    ref = x.double() @ dense.t()
+    assert (out.double() - ref).abs().max() <= 2e-5 * ref.abs().max()  # the int16 path's bound is 1e-4
+    for i in range(rows):  # alone, in any tile, beside decode rows: the same bits
+        assert torch.equal(torch.ops.phiserve.int4_linear(x[i : i + 1].contiguous(), *packed, 1)[0], out[i])
+    mixed = torch.ops.phiserve.int4_linear(x, *packed, rows // 2)
+    assert torch.equal(mixed[: rows // 2], out[: rows // 2])
+    # the rows after the prefill rows are decode rows: the int16 path's bits, as when called alone
+    assert torch.equal(mixed[rows // 2 :], torch.ops.phiserve.int4_linear(x[rows // 2 :].contiguous(), *packed))
+
+
+@needs_kernels
+def test_without_a_prefill_kernel_prefill_rows_take_the_int16_path():
+    if torch.ops.phiserve.has_prefill_kernel():
+        pytest.skip("this CPU has the AMX prefill kernel (tested above)")
+    q, scale, min_ = _weights(24, 96, seed=4)
+    packed = quant.pack_q4(q, scale, min_)
+    x = torch.randn(9, 96)
+    assert torch.equal(torch.ops.phiserve.int4_linear(x, *packed, 9), torch.ops.phiserve.int4_linear(x, *packed))
+
+
+@needs_kernels
+def test_int4_linear_rejects_bad_prefill_rows():
+    q, scale, min_ = _weights(8, 64)
+    packed = quant.pack_q4(q, scale, min_)
+    for bad in (-1, 3):
+        with pytest.raises(RuntimeError, match="prefill_rows"):
+            torch.ops.phiserve.int4_linear(torch.randn(2, 64), *packed, bad)
+
+
 @needs_kernels
 def test_int4_linear_rejects_bad_shapes():
     q, scale, min_ = _weights(8, 64)

@@ -24,12 +24,40 @@
 #include <immintrin.h>
 #define PHISERVE_AVX2 1
 #endif
+// VNNI's vpdpwssd does vpmaddwd + vpaddd in one instruction (same integers): Intel since Ice Lake /
+// Alder Lake, AMD since Zen 4. Either encoding; the EVEX one needs AVX-512 VL for ymm registers.
+#if defined(PHISERVE_AVX2) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define PHISERVE_VNNI 1
+#define PHISERVE_VNNI_ASM "vpdpwssd"
+#elif defined(PHISERVE_AVX2) && defined(__AVXVNNI__)
+#define PHISERVE_VNNI 1
+#define PHISERVE_VNNI_ASM "%{vex%} vpdpwssd"  // AVX-VNNI only: the VEX form ("%{": a literal brace in asm)
+#endif
+// AMX (Intel since Sapphire Rapids): 16x16 tiles of bf16 products summed in fp32, for prefill rows.
+#if defined(PHISERVE_AVX2) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && \
+    defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__linux__) && defined(__x86_64__)
+#define PHISERVE_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace {
 
 constexpr int64_t kGroup = 32;  // int4 group size: 32 weights share a scale and a min
 
 #ifdef PHISERVE_AVX2
+// acc + w . x per int32 lane (16 int16 products summed in pairs). Exact either way: |x| <= 32767 and
+// |w| <= 127, so no pair sum nears int32's range.
+inline __m256i madd_acc(__m256i acc, __m256i w, __m256i x) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpwssd_epi32(acc, w, x);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpwssd_avx_epi32(acc, w, x);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(w, x));
+#endif
+}
+
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -227,7 +255,7 @@ inline void tile(const int32_t* xp, const float* sx, const float* xsum, int64_t 
     const int32_t* xg = xp + g * (kGroup / 2);
     auto use = [&](int b, int p, __m256i w) {
       for (int r = 0; r < R; ++r)
-        dot[r][b] = _mm256_add_epi32(dot[r][b], _mm256_madd_epi16(w, _mm256_set1_epi32(xg[r * K / 2 + p])));
+        dot[r][b] = madd_acc(dot[r][b], w, _mm256_set1_epi32(xg[r * K / 2 + p]));
     };
     for (int b = 0; b < NB; ++b) {
       const int32_t* qg = q + b * block_words + g * group_words;
@@ -340,24 +368,24 @@ void unpack_block(const int32_t* q, int64_t K, __m256i* panel, int64_t bb) {
 // dots in ymm(2r) and ymm(2r+1); then acc = fma(float(dot), d * sx, acc) and, with mins,
 // acc = fma(min, xsum, acc), tile()'s operations. sx_xs: the six rows' scales, then sums, of this group.
 // One asm statement per variant (values in registers do not survive between asm statements).
+// ymm(acc) += ymm(w) . ymm14 (the broadcast input pair): PHISERVE_MADD(w, acc)
+#ifdef PHISERVE_VNNI
+#define PHISERVE_MADD(w, acc) PHISERVE_VNNI_ASM " %%ymm14, %%ymm" #w ", %%ymm" #acc "\n"
+#else
+#define PHISERVE_MADD(w, acc) "vpmaddwd %%ymm14, %%ymm" #w ", %%ymm15\n vpaddd %%ymm15, %%ymm" #acc ", %%ymm" #acc "\n"
+#endif
 #define PHISERVE_GROUP6_DOTS \
       "vpxor %%xmm0, %%xmm0, %%xmm0\n" "vpxor %%xmm1, %%xmm1, %%xmm1\n" "vpxor %%xmm2, %%xmm2, %%xmm2\n" "vpxor %%xmm3, %%xmm3, %%xmm3\n" \
       "vpxor %%xmm4, %%xmm4, %%xmm4\n" "vpxor %%xmm5, %%xmm5, %%xmm5\n" "vpxor %%xmm6, %%xmm6, %%xmm6\n" "vpxor %%xmm7, %%xmm7, %%xmm7\n" \
       "vpxor %%xmm8, %%xmm8, %%xmm8\n" "vpxor %%xmm9, %%xmm9, %%xmm9\n" "vpxor %%xmm10, %%xmm10, %%xmm10\n" "vpxor %%xmm11, %%xmm11, %%xmm11\n" \
       "1:\n" \
       "vmovdqu (%[w]), %%ymm12\n vmovdqu 32(%[w]), %%ymm13\n" \
-      "vpbroadcastd (%[x]), %%ymm14\n vpmaddwd %%ymm14, %%ymm12, %%ymm15\n vpaddd %%ymm15, %%ymm0, %%ymm0\n" \
-      "vpmaddwd %%ymm14, %%ymm13, %%ymm14\n vpaddd %%ymm14, %%ymm1, %%ymm1\n" \
-      "vpbroadcastd (%[x],%[s],1), %%ymm14\n vpmaddwd %%ymm14, %%ymm12, %%ymm15\n vpaddd %%ymm15, %%ymm2, %%ymm2\n" \
-      "vpmaddwd %%ymm14, %%ymm13, %%ymm14\n vpaddd %%ymm14, %%ymm3, %%ymm3\n" \
-      "vpbroadcastd (%[x],%[s],2), %%ymm14\n vpmaddwd %%ymm14, %%ymm12, %%ymm15\n vpaddd %%ymm15, %%ymm4, %%ymm4\n" \
-      "vpmaddwd %%ymm14, %%ymm13, %%ymm14\n vpaddd %%ymm14, %%ymm5, %%ymm5\n" \
-      "vpbroadcastd (%[x3]), %%ymm14\n vpmaddwd %%ymm14, %%ymm12, %%ymm15\n vpaddd %%ymm15, %%ymm6, %%ymm6\n" \
-      "vpmaddwd %%ymm14, %%ymm13, %%ymm14\n vpaddd %%ymm14, %%ymm7, %%ymm7\n" \
-      "vpbroadcastd (%[x3],%[s],1), %%ymm14\n vpmaddwd %%ymm14, %%ymm12, %%ymm15\n vpaddd %%ymm15, %%ymm8, %%ymm8\n" \
-      "vpmaddwd %%ymm14, %%ymm13, %%ymm14\n vpaddd %%ymm14, %%ymm9, %%ymm9\n" \
-      "vpbroadcastd (%[x3],%[s],2), %%ymm14\n vpmaddwd %%ymm14, %%ymm12, %%ymm15\n vpaddd %%ymm15, %%ymm10, %%ymm10\n" \
-      "vpmaddwd %%ymm14, %%ymm13, %%ymm14\n vpaddd %%ymm14, %%ymm11, %%ymm11\n" \
+      "vpbroadcastd (%[x]), %%ymm14\n" PHISERVE_MADD(12, 0) PHISERVE_MADD(13, 1) \
+      "vpbroadcastd (%[x],%[s],1), %%ymm14\n" PHISERVE_MADD(12, 2) PHISERVE_MADD(13, 3) \
+      "vpbroadcastd (%[x],%[s],2), %%ymm14\n" PHISERVE_MADD(12, 4) PHISERVE_MADD(13, 5) \
+      "vpbroadcastd (%[x3]), %%ymm14\n" PHISERVE_MADD(12, 6) PHISERVE_MADD(13, 7) \
+      "vpbroadcastd (%[x3],%[s],1), %%ymm14\n" PHISERVE_MADD(12, 8) PHISERVE_MADD(13, 9) \
+      "vpbroadcastd (%[x3],%[s],2), %%ymm14\n" PHISERVE_MADD(12, 10) PHISERVE_MADD(13, 11) \
       "add $64, %[w]\n add $4, %[x]\n add $4, %[x3]\n dec %[n]\n jnz 1b\n"
 #define PHISERVE_GROUP6_SCALE \
       "vmovups (%[d]), %%ymm12\n vmovups 32(%[d]), %%ymm13\n" \
@@ -411,6 +439,7 @@ inline void panel_group6(const int32_t* xg, int64_t row_bytes, const __m256i* pg
                      : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "memory", "cc");
   }
 }
+#undef PHISERVE_MADD
 #undef PHISERVE_GROUP6_DOTS
 #undef PHISERVE_GROUP6_SCALE
 #undef PHISERVE_GROUP6_MINS
@@ -452,8 +481,8 @@ void panel_tile_few(const int32_t* xp, const float* sx, const float* xsum, int64
       const __m256i w0 = _mm256_loadu_si256(pg + 2 * p), w1 = _mm256_loadu_si256(pg + 2 * p + 1);
       for (int r = 0; r < R; ++r) {
         const __m256i a = _mm256_set1_epi32(xg[r * K / 2 + p]);
-        dot[r][0] = _mm256_add_epi32(dot[r][0], _mm256_madd_epi16(w0, a));
-        dot[r][1] = _mm256_add_epi32(dot[r][1], _mm256_madd_epi16(w1, a));
+        dot[r][0] = madd_acc(dot[r][0], w0, a);
+        dot[r][1] = madd_acc(dot[r][1], w1, a);
       }
     }
     const __m256 d0 = _mm256_loadu_ps(d + g * kPanel), d1 = _mm256_loadu_ps(d + g * kPanel + kLanes);
@@ -523,25 +552,186 @@ void panel_linear(int64_t M, int64_t K, int64_t NB, const int32_t* xp, const flo
 }
 #endif
 
+#ifdef PHISERVE_AMX
+// ---- Prefill rows on AMX: exact weights, activations split into two bf16 ---------------------------
+// A prefill chunk is compute-bound, and a tile op does 16 x 16 x 32 multiply-adds (16 rows, 16
+// features, one group of 32) where vpdpwssd does 16. The int4 values 0..15 are exact in bf16; each
+// activation is split into hi = bf16(x) and lo = bf16(x - hi), so hi + lo keeps ~16 bits of x (the
+// int16 path keeps 15 against its group's largest). Per group one tile sums q * hi then q * lo in
+// fp32; then, as tile() does, out += scale * dot and out += min * sum(x) (exact fp32 sum), with a
+// 16-feature fp32 vector per row. Every row takes the same operations whatever the row count or its
+// 16-row tile (rows never mix in a tile op), so a prompt's rows do not depend on the batch or the
+// chunking. The bits differ from the int16 path's, so prefill rows always take this one (the caller
+// says which rows are prefill) and decode rows never do, whatever the load.
+
+// Linux gives a process the tile state only on request (arch_prctl), once, for all its threads.
+bool amx_usable() {
+  static const bool ok = [] {
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+constexpr int64_t kTileRows = 16;
+
+// n elements of v starting on a 64-byte boundary: a tile row that straddles two cache lines costs
+// two line accesses (K is a multiple of 32, so every row of a tile then starts on a line).
+template <typename T>
+T* aligned64(std::vector<T>& v, int64_t n) {
+  const int64_t pad = 64 / sizeof(T);
+  if (static_cast<int64_t>(v.size()) < n + pad) v.resize(n + pad);
+  return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t{63});
+}
+
+// x [M, K] -> hi, lo bf16 [Mp, K] (Mp = M rounded up to 16; padding rows zero) and each (row, group)'s
+// exact sum as group_max_and_sum adds it (the tile path's order), sums [Mp, G].
+void split_bf16(const float* x, int64_t M, int64_t Mp, int64_t K, uint16_t* hi, uint16_t* lo, float* sums) {
+  const int64_t G = K / kGroup;
+  at::parallel_for(0, Mp * G, 256, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      if (i >= M * G) {
+        std::fill(hi + i * kGroup, hi + (i + 1) * kGroup, 0);
+        std::fill(lo + i * kGroup, lo + (i + 1) * kGroup, 0);
+        sums[i] = 0.f;
+        continue;
+      }
+      float amax;
+      group_max_and_sum(x + i * kGroup, amax, sums[i]);
+      for (int64_t j = 0; j < kGroup; j += 16) {
+        const __m512 v = _mm512_loadu_ps(x + i * kGroup + j);
+        const __m256bh h = _mm512_cvtneps_pbh(v);  // round to nearest even
+        const __m512 hf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + i * kGroup + j), (__m256i)h);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo + i * kGroup + j), (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(v, hf)));
+      }
+    }
+  });
+}
+
+// Two blocks of 8 features (bb = 0, 1) as the tile op's B operand: per group 16 rows (k pairs) of 16
+// features x (k = 2p, 2p + 1) bf16, the int16 panel's layout with each value 0..15 as its bf16 bits.
+void unpack_block_bf16(const int32_t* q, int64_t K, uint16_t* panel, int64_t bb) {
+  const int64_t G = K / kGroup, group_words = kGroup * 4 / 32 * kLanes;
+  // bf16 of 0..15: 0, then 0x3f80 (1.0), 0x4000 (2), 0x4040 (3), ...
+  const __m256i table = _mm256_setr_epi16(0, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0, 0x4100, 0x4110,
+                                          0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170);
+  for (int64_t g = 0; g < G; ++g) {
+    const int32_t* qg = q + g * group_words;
+    uint16_t* dst = panel + g * kGroup * kPanel + bb * kPanel;  // row p of group g at + p * 32
+    for (int v = 0; v < 4; ++v) {
+      const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qg + v * kLanes));
+      for (int j = 0; j < 4; ++j)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (4 * v + j) * 2 * kPanel),
+                            _mm256_permutexvar_epi16(int4_plane(packed, j), table));
+    }
+  }
+}
+
+// Rows [0, M) of x against every feature, int4 weights; out rows at op + m * N.
+void amx_int4_linear(int64_t M, int64_t K, int64_t NB, const float* x, const int32_t* qp, const at::Half* sp,
+                     const at::Half* mp, float* op) {
+  const int64_t G = K / kGroup, N = NB * kLanes, Mp = (M + kTileRows - 1) / kTileRows * kTileRows;
+  const int64_t block_q = K * 4 / 32 * kLanes, block_s = G * kLanes;
+  thread_local std::vector<uint16_t> hi_buf, lo_buf;
+  thread_local std::vector<float> sum_buf;
+  uint16_t* hi = aligned64(hi_buf, Mp * K);
+  uint16_t* lo = aligned64(lo_buf, Mp * K);
+  float* sums = aligned64(sum_buf, Mp * G);
+  split_bf16(x, M, Mp, K, hi, lo, sums);
+  parallel_chunks((NB + 1) / 2, 4, [&](int64_t p0, int64_t p1) {
+    TileConfig cfg;
+    for (int t = 0; t < 8; ++t) {  // 0 / 4: dots (fp32), 1 / 5: hi, 2 / 6: lo, 3 / 7: weights
+      cfg.rows[t] = kTileRows;
+      cfg.colsb[t] = 64;
+    }
+    _tile_loadconfig(&cfg);
+    thread_local std::vector<uint16_t> panel_buf;
+    thread_local std::vector<float> d, mn, dots_buf;
+    uint16_t* panel = aligned64(panel_buf, K * kPanel);
+    float* dots = aligned64(dots_buf, G * kTileRows * kPanel);
+    d.resize(G * kPanel);
+    mn.resize(G * kPanel);
+    for (int64_t pn = p0; pn < p1; ++pn) {
+      const int64_t b0 = 2 * pn, blocks = std::min<int64_t>(2, NB - b0);
+      for (int64_t bb = 0; bb < 2; ++bb) {  // a half panel's second block: zero weights, never stored
+        const int64_t b = bb < blocks ? b0 + bb : b0;
+        unpack_block_bf16(qp + b * block_q, K, panel, bb);
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t at = b * block_s + g * kLanes;
+          _mm256_storeu_ps(d.data() + g * kPanel + bb * kLanes, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sp + at))));
+          _mm256_storeu_ps(mn.data() + g * kPanel + bb * kLanes, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mp + at))));
+        }
+      }
+      for (int64_t m0 = 0; m0 < Mp; m0 += kTileRows) {
+        // The tile ops of every group first, each group's dots stored to `dots` [G][16][16]; then the
+        // scale-and-min chain reads them back in group order. (Reading a tile store right away stalled
+        // every group until the store landed.) Two sets of tiles (0-3, 4-7) alternate between groups,
+        // so one group's loads and products need not wait for the previous group's store.
+        auto group_dots = [&](int64_t g, float* to) {
+          if ((g & 1) == 0) {
+            _tile_zero(0);
+            _tile_loadd(1, hi + m0 * K + g * kGroup, K * 2);
+            _tile_loadd(2, lo + m0 * K + g * kGroup, K * 2);
+            _tile_loadd(3, panel + g * kGroup * kPanel, 64);
+            _tile_dpbf16ps(0, 1, 3);
+            _tile_dpbf16ps(0, 2, 3);
+            _tile_stored(0, to, 64);
+          } else {
+            _tile_zero(4);
+            _tile_loadd(5, hi + m0 * K + g * kGroup, K * 2);
+            _tile_loadd(6, lo + m0 * K + g * kGroup, K * 2);
+            _tile_loadd(7, panel + g * kGroup * kPanel, 64);
+            _tile_dpbf16ps(4, 5, 7);
+            _tile_dpbf16ps(4, 6, 7);
+            _tile_stored(4, to, 64);
+          }
+        };
+        for (int64_t g = 0; g < G; ++g) group_dots(g, dots + g * kTileRows * kPanel);
+        __m512 acc[kTileRows];
+#pragma GCC unroll 16
+        for (int r = 0; r < kTileRows; ++r) acc[r] = _mm512_setzero_ps();
+        for (int64_t g = 0; g < G; ++g) {  // out += scale * dots, then += min * sum(x), group by group
+          const float* dg_rows = dots + g * kTileRows * kPanel;
+          const __m512 dg = _mm512_loadu_ps(d.data() + g * kPanel), mg = _mm512_loadu_ps(mn.data() + g * kPanel);
+#pragma GCC unroll 16
+          for (int r = 0; r < kTileRows; ++r) {
+            acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(dg_rows + r * kPanel), dg, acc[r]);
+            acc[r] = _mm512_fmadd_ps(mg, _mm512_set1_ps(sums[(m0 + r) * G + g]), acc[r]);
+          }
+        }
+        const __mmask16 cols = blocks == 2 ? 0xFFFF : 0x00FF;
+#pragma GCC unroll 16
+        for (int r = 0; r < kTileRows; ++r)
+          if (m0 + r < M) _mm512_mask_storeu_ps(op + (m0 + r) * N + b0 * kLanes, cols, acc[r]);
+      }
+    }
+    _tile_release();
+  });
+}
+#endif
+
+// Rows [0, M) of x (quantized to int16 pairs) into out rows op + m * N.
 template <int Bits>
-at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                              const at::Tensor* mins) {
-  check_weight_only_args(x, qweight, scales, mins, Bits);
-  const int64_t M = x.size(0), K = x.size(1), NB = qweight.size(0), N = NB * kLanes, G = K / kGroup;
-  at::Tensor out = at::empty({M, N}, x.options());
-  if (M == 0 || N == 0) return out;
-  const QuantizedRows xq = quantize_rows(x.data_ptr<float>(), M, K);
+void weight_only_rows(int64_t M, int64_t K, int64_t NB, const float* x, const int32_t* qp, const at::Half* sp,
+                      const at::Half* mp, float* op) {
+  const int64_t N = NB * kLanes, G = K / kGroup;
+  const QuantizedRows xq = quantize_rows(x, M, K);
   const int32_t* xp = xq.pairs;
   const float* sx = xq.scale;
   const float* xs = xq.sum;
-  const int32_t* qp = qweight.data_ptr<int32_t>();
-  const at::Half* sp = scales.data_ptr<at::Half>();
-  const at::Half* mp = mins != nullptr ? mins->data_ptr<at::Half>() : nullptr;
-  float* op = out.data_ptr<float>();
 #ifdef PHISERVE_PANEL_ASM
   if (M >= panel_min_rows(Bits)) {
     panel_linear<Bits>(M, K, NB, xp, sx, xs, qp, sp, mp, op);
-    return out;
+    return;
   }
 #endif
   const int64_t block_q = K * Bits / 32 * kLanes, block_s = G * kLanes;
@@ -573,11 +763,46 @@ at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& qweight, co
       }
     }
   });
+}
+
+// Whether prefill rows take their own kernel (AMX) here: then their bits differ from decode rows'.
+bool has_prefill_kernel() {
+#ifdef PHISERVE_AMX
+  return amx_usable();
+#else
+  return false;
+#endif
+}
+
+// The first `prefill_rows` rows are prompt rows: they take the AMX kernel where the CPU has one;
+// every other row (and every row elsewhere) the int16 path.
+template <int Bits>
+at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                              const at::Tensor* mins, int64_t prefill_rows = 0) {
+  check_weight_only_args(x, qweight, scales, mins, Bits);
+  const int64_t M = x.size(0), K = x.size(1), NB = qweight.size(0), N = NB * kLanes;
+  TORCH_CHECK(prefill_rows >= 0 && prefill_rows <= M, "prefill_rows must be in [0, rows]");
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return out;
+  const float* xp = x.data_ptr<float>();
+  const int32_t* qp = qweight.data_ptr<int32_t>();
+  const at::Half* sp = scales.data_ptr<at::Half>();
+  const at::Half* mp = mins != nullptr ? mins->data_ptr<at::Half>() : nullptr;
+  float* op = out.data_ptr<float>();
+  int64_t m = 0;
+#ifdef PHISERVE_AMX
+  if (Bits == 4 && prefill_rows > 0 && amx_usable()) {
+    amx_int4_linear(prefill_rows, K, NB, xp, qp, sp, mp, op);
+    m = prefill_rows;
+  }
+#endif
+  if (m < M) weight_only_rows<Bits>(M - m, K, NB, xp + m * K, qp, sp, mp, op + m * N);
   return out;
 }
 
-at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins) {
-  return weight_only_linear<4>(x, qweight, scales, &mins);
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins,
+                       int64_t prefill_rows) {
+  return weight_only_linear<4>(x, qweight, scales, &mins, prefill_rows);
 }
 
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
@@ -1077,7 +1302,7 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 
 // A linear layer in one of our kernels' formats: int4 when `mins` has elements, else group-32 int8.
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins) {
-  return mins.numel() > 0 ? int4_linear(x, qweight, scales, mins) : int8_linear(x, qweight, scales);
+  return mins.numel() > 0 ? int4_linear(x, qweight, scales, mins, 0) : int8_linear(x, qweight, scales);
 }
 
 // Tensors per layer in decode_layers' `weights`: input norm; qkv (qweight, scales, mins); o (3);
@@ -1278,7 +1503,8 @@ at::Tensor sample_candidates(const at::Tensor& x, const at::Tensor& top_k, const
 }  // namespace
 
 TORCH_LIBRARY(phiserve, m) {
-  m.def("int4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor mins) -> Tensor");
+  m.def("int4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor mins, int prefill_rows=0) -> Tensor");
+  m.def("has_prefill_kernel() -> bool", &has_prefill_kernel);  // no tensors: not dispatched by device
   m.def("int8_linear(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
   m.def("rope_and_cache(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, int num_heads, int num_kv_heads) -> Tensor[]");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
