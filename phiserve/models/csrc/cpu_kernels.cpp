@@ -7,7 +7,8 @@
 // Every kernel computes each row with the same sequence of operations whatever else is in the batch
 // (no reduction is split by batch size), so a request's tokens do not depend on the load.
 // Built at first use by phiserve/models/cpu_kernels.py with -march=native; AVX2 paths with a
-// scalar fallback for other CPUs.
+// scalar fallback for other CPUs, VNNI multiply-adds where the CPU has them (same bits), and an AMX
+// kernel for the int4 layers' prefill rows where it has AMX (its own bits; see amx_int4_linear).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -676,26 +677,23 @@ void amx_int4_linear(int64_t M, int64_t K, int64_t NB, const float* x, const int
         // scale-and-min chain reads them back in group order. (Reading a tile store right away stalled
         // every group until the store landed.) Two sets of tiles (0-3, 4-7) alternate between groups,
         // so one group's loads and products need not wait for the previous group's store.
-        auto group_dots = [&](int64_t g, float* to) {
+        // Tiles as literal numbers (the intrinsics paste them into the asm): sums, x hi, x lo, weights.
+#define PHISERVE_GROUP_DOTS(SUM, HI, LO, W)                                  \
+  _tile_zero(SUM);                                                           \
+  _tile_loadd(HI, hi + m0 * K + g * kGroup, K * 2);                          \
+  _tile_loadd(LO, lo + m0 * K + g * kGroup, K * 2);                          \
+  _tile_loadd(W, panel + g * kGroup * kPanel, 64);                           \
+  _tile_dpbf16ps(SUM, HI, W);                                                \
+  _tile_dpbf16ps(SUM, LO, W);                                                \
+  _tile_stored(SUM, dots + g * kTileRows * kPanel, 64);
+        for (int64_t g = 0; g < G; ++g) {
           if ((g & 1) == 0) {
-            _tile_zero(0);
-            _tile_loadd(1, hi + m0 * K + g * kGroup, K * 2);
-            _tile_loadd(2, lo + m0 * K + g * kGroup, K * 2);
-            _tile_loadd(3, panel + g * kGroup * kPanel, 64);
-            _tile_dpbf16ps(0, 1, 3);
-            _tile_dpbf16ps(0, 2, 3);
-            _tile_stored(0, to, 64);
+            PHISERVE_GROUP_DOTS(0, 1, 2, 3)
           } else {
-            _tile_zero(4);
-            _tile_loadd(5, hi + m0 * K + g * kGroup, K * 2);
-            _tile_loadd(6, lo + m0 * K + g * kGroup, K * 2);
-            _tile_loadd(7, panel + g * kGroup * kPanel, 64);
-            _tile_dpbf16ps(4, 5, 7);
-            _tile_dpbf16ps(4, 6, 7);
-            _tile_stored(4, to, 64);
+            PHISERVE_GROUP_DOTS(4, 5, 6, 7)
           }
-        };
-        for (int64_t g = 0; g < G; ++g) group_dots(g, dots + g * kTileRows * kPanel);
+        }
+#undef PHISERVE_GROUP_DOTS
         __m512 acc[kTileRows];
 #pragma GCC unroll 16
         for (int r = 0; r < kTileRows; ++r) acc[r] = _mm512_setzero_ps();
