@@ -143,6 +143,20 @@ def test_prefill_rows_on_amx_are_exact_in_the_weights_and_independent_of_the_bat
     assert torch.equal(mixed[rows // 2 :], torch.ops.phiserve.int4_linear(x[rows // 2 :].contiguous(), *packed))
 
 
+@needs_prefill_kernel
+def test_the_tile_kernel_and_torchs_bf16_gemm_share_threads():
+    """Both configure the threads' tiles (torch through oneDNN, e.g. the bf16 head of --dtype int4):
+    each must still compute the same after the other ran."""
+    g = torch.Generator().manual_seed(5)
+    w, x = torch.randn(256, 576, generator=g).bfloat16(), torch.randn(64, 576, generator=g).bfloat16()
+    packed = quant.pack_q4(*_weights(64, 576, seed=5))
+    rows = torch.randn(40, 576, generator=g)
+    gemm, tiles = torch.nn.functional.linear(x, w), torch.ops.phiserve.int4_linear(rows, *packed, 40)
+    for _ in range(3):
+        assert torch.equal(torch.ops.phiserve.int4_linear(rows, *packed, 40), tiles)
+        assert torch.equal(torch.nn.functional.linear(x, w), gemm)
+
+
 @needs_kernels
 def test_without_a_prefill_kernel_prefill_rows_take_the_int16_path():
     if torch.ops.phiserve.has_prefill_kernel():
