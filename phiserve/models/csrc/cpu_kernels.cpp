@@ -641,75 +641,84 @@ void unpack_block_bf16(const int32_t* q, int64_t K, uint16_t* panel, int64_t bb)
 void amx_int4_linear(int64_t M, int64_t K, int64_t NB, const float* x, const int32_t* qp, const at::Half* sp,
                      const at::Half* mp, float* op) {
   const int64_t G = K / kGroup, N = NB * kLanes, Mp = (M + kTileRows - 1) / kTileRows * kTileRows;
-  const int64_t block_q = K * 4 / 32 * kLanes, block_s = G * kLanes;
+  const int64_t block_q = K * 4 / 32 * kLanes, block_s = G * kLanes, panels = (NB + 1) / 2;
+  constexpr int64_t kShare = 3;  // panels that share each load of an activation tile
   thread_local std::vector<uint16_t> hi_buf, lo_buf;
   thread_local std::vector<float> sum_buf;
   uint16_t* hi = aligned64(hi_buf, Mp * K);
   uint16_t* lo = aligned64(lo_buf, Mp * K);
   float* sums = aligned64(sum_buf, Mp * G);
   split_bf16(x, M, Mp, K, hi, lo, sums);
-  parallel_chunks((NB + 1) / 2, 4, [&](int64_t p0, int64_t p1) {
+  parallel_chunks(panels, kShare, [&](int64_t p0, int64_t p1) {
     TileConfig cfg;
-    for (int t = 0; t < 8; ++t) {  // 0 / 4: dots (fp32), 1 / 5: hi, 2 / 6: lo, 3 / 7: weights
+    for (int t = 0; t < 8; ++t) {  // 0, 1: x hi, lo; then per panel j: 2 + 2j its dots (fp32), 3 + 2j its weights
       cfg.rows[t] = kTileRows;
       cfg.colsb[t] = 64;
     }
     _tile_loadconfig(&cfg);
     thread_local std::vector<uint16_t> panel_buf;
     thread_local std::vector<float> d, mn, dots_buf;
-    uint16_t* panel = aligned64(panel_buf, K * kPanel);
-    float* dots = aligned64(dots_buf, G * kTileRows * kPanel);
-    d.resize(G * kPanel);
-    mn.resize(G * kPanel);
-    for (int64_t pn = p0; pn < p1; ++pn) {
-      const int64_t b0 = 2 * pn, blocks = std::min<int64_t>(2, NB - b0);
-      for (int64_t bb = 0; bb < 2; ++bb) {  // a half panel's second block: zero weights, never stored
-        const int64_t b = bb < blocks ? b0 + bb : b0;
-        unpack_block_bf16(qp + b * block_q, K, panel, bb);
-        for (int64_t g = 0; g < G; ++g) {
-          const int64_t at = b * block_s + g * kLanes;
-          _mm256_storeu_ps(d.data() + g * kPanel + bb * kLanes, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sp + at))));
-          _mm256_storeu_ps(mn.data() + g * kPanel + bb * kLanes, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mp + at))));
+    uint16_t* panel = aligned64(panel_buf, kShare * K * kPanel);  // [panel j][G][16 k pairs][16 x 2]
+    float* dots = aligned64(dots_buf, kShare * G * kTileRows * kPanel);  // [panel j][G][16 rows][16]
+    d.resize(kShare * G * kPanel);
+    mn.resize(kShare * G * kPanel);
+    for (int64_t pa = p0; pa < p1; pa += kShare) {
+      const int64_t np = std::min(kShare, p1 - pa);
+      for (int64_t j = 0; j < np; ++j) {
+        const int64_t b0 = 2 * (pa + j), blocks = std::min<int64_t>(2, NB - b0);
+        for (int64_t bb = 0; bb < 2; ++bb) {  // a half panel's second block: the first's weights, never stored
+          const int64_t b = bb < blocks ? b0 + bb : b0;
+          unpack_block_bf16(qp + b * block_q, K, panel + j * K * kPanel, bb);
+          for (int64_t g = 0; g < G; ++g) {
+            const int64_t at = b * block_s + g * kLanes, to = (j * G + g) * kPanel + bb * kLanes;
+            _mm256_storeu_ps(d.data() + to, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sp + at))));
+            _mm256_storeu_ps(mn.data() + to, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mp + at))));
+          }
         }
       }
       for (int64_t m0 = 0; m0 < Mp; m0 += kTileRows) {
-        // The tile ops of every group first, each group's dots stored to `dots` [G][16][16]; then the
-        // scale-and-min chain reads them back in group order. (Reading a tile store right away stalled
-        // every group until the store landed.) Two sets of tiles (0-3, 4-7) alternate between groups,
-        // so one group's loads and products need not wait for the previous group's store.
-        // Tiles as literal numbers (the intrinsics paste them into the asm): sums, x hi, x lo, weights.
-#define PHISERVE_GROUP_DOTS(SUM, HI, LO, W)                                  \
+        // Per group: the 16 rows' hi and lo tiles once, then for each panel its weight tile, two
+        // products (hi then lo) and a store of the dots to `dots`. Reading those back waits until
+        // every group is done (reading a tile store right away waits for it to land). A panel's ops
+        // are the same whichever panels share the loads, so its bits are too.
+        // Tiles as literal numbers (the intrinsics paste them into the asm).
+#define PHISERVE_PANEL_DOTS(SUM, W, J)                                       \
   _tile_zero(SUM);                                                           \
-  _tile_loadd(HI, hi + m0 * K + g * kGroup, K * 2);                          \
-  _tile_loadd(LO, lo + m0 * K + g * kGroup, K * 2);                          \
-  _tile_loadd(W, panel + g * kGroup * kPanel, 64);                           \
-  _tile_dpbf16ps(SUM, HI, W);                                                \
-  _tile_dpbf16ps(SUM, LO, W);                                                \
-  _tile_stored(SUM, dots + g * kTileRows * kPanel, 64);
+  _tile_loadd(W, panel + (J) * K * kPanel + g * kGroup * kPanel, 64);        \
+  _tile_dpbf16ps(SUM, 0, W);                                                 \
+  _tile_dpbf16ps(SUM, 1, W);                                                 \
+  _tile_stored(SUM, dots + ((J) * G + g) * kTileRows * kPanel, 64);
         for (int64_t g = 0; g < G; ++g) {
-          if ((g & 1) == 0) {
-            PHISERVE_GROUP_DOTS(0, 1, 2, 3)
-          } else {
-            PHISERVE_GROUP_DOTS(4, 5, 6, 7)
+          _tile_loadd(0, hi + m0 * K + g * kGroup, K * 2);
+          _tile_loadd(1, lo + m0 * K + g * kGroup, K * 2);
+          PHISERVE_PANEL_DOTS(2, 3, 0)
+          if (np > 1) {
+            PHISERVE_PANEL_DOTS(4, 5, 1)
+          }
+          if (np > 2) {
+            PHISERVE_PANEL_DOTS(6, 7, 2)
           }
         }
-#undef PHISERVE_GROUP_DOTS
-        __m512 acc[kTileRows];
+#undef PHISERVE_PANEL_DOTS
+        for (int64_t j = 0; j < np; ++j) {
+          __m512 acc[kTileRows];
 #pragma GCC unroll 16
-        for (int r = 0; r < kTileRows; ++r) acc[r] = _mm512_setzero_ps();
-        for (int64_t g = 0; g < G; ++g) {  // out += scale * dots, then += min * sum(x), group by group
-          const float* dg_rows = dots + g * kTileRows * kPanel;
-          const __m512 dg = _mm512_loadu_ps(d.data() + g * kPanel), mg = _mm512_loadu_ps(mn.data() + g * kPanel);
+          for (int r = 0; r < kTileRows; ++r) acc[r] = _mm512_setzero_ps();
+          for (int64_t g = 0; g < G; ++g) {  // out += scale * dots, then += min * sum(x), group by group
+            const float* dg_rows = dots + (j * G + g) * kTileRows * kPanel;
+            const __m512 dg = _mm512_loadu_ps(d.data() + (j * G + g) * kPanel), mg = _mm512_loadu_ps(mn.data() + (j * G + g) * kPanel);
 #pragma GCC unroll 16
-          for (int r = 0; r < kTileRows; ++r) {
-            acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(dg_rows + r * kPanel), dg, acc[r]);
-            acc[r] = _mm512_fmadd_ps(mg, _mm512_set1_ps(sums[(m0 + r) * G + g]), acc[r]);
+            for (int r = 0; r < kTileRows; ++r) {
+              acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(dg_rows + r * kPanel), dg, acc[r]);
+              acc[r] = _mm512_fmadd_ps(mg, _mm512_set1_ps(sums[(m0 + r) * G + g]), acc[r]);
+            }
           }
-        }
-        const __mmask16 cols = blocks == 2 ? 0xFFFF : 0x00FF;
+          const int64_t b0 = 2 * (pa + j);
+          const __mmask16 cols = NB - b0 >= 2 ? 0xFFFF : 0x00FF;
 #pragma GCC unroll 16
-        for (int r = 0; r < kTileRows; ++r)
-          if (m0 + r < M) _mm512_mask_storeu_ps(op + (m0 + r) * N + b0 * kLanes, cols, acc[r]);
+          for (int r = 0; r < kTileRows; ++r)
+            if (m0 + r < M) _mm512_mask_storeu_ps(op + (m0 + r) * N + b0 * kLanes, cols, acc[r]);
+        }
       }
     }
     _tile_release();
