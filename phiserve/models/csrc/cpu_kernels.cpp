@@ -344,6 +344,14 @@ constexpr int64_t kPanelRows = 6;  // rows per register tile: 6 x 2 accumulators
 // no nibble unpacking: 0.91-0.97x at 12-23 rows, so it keeps the measured 24).
 constexpr int64_t panel_min_rows(int bits) { return bits == 4 ? 12 : 24; }
 
+#ifdef PHISERVE_AVX2
+// A block's fp16 scales (or mins), 8 per group, as fp32 into a panel's [G][16] buffer at column dst.
+inline void block_values_fp32(const at::Half* src, int64_t G, float* dst) {
+  for (int64_t g = 0; g < G; ++g)
+    _mm256_storeu_ps(dst + g * kPanel, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + g * kLanes))));
+}
+#endif
+
 #if defined(PHISERVE_AVX2) && defined(__GNUC__) && defined(__x86_64__)
 #define PHISERVE_PANEL_ASM 1
 // Block bb (0 or 1) of a panel: its int16 weight pairs for every k pair P at panel[2P + bb].
@@ -534,12 +542,8 @@ void panel_linear(int64_t M, int64_t K, int64_t NB, const int32_t* xp, const flo
       const int64_t b0 = 2 * pn, blocks = std::min<int64_t>(2, NB - b0);
       for (int64_t bb = 0; bb < blocks; ++bb) {
         unpack_block<Bits>(qp + (b0 + bb) * block_q, K, panel.data(), bb);
-        for (int64_t g = 0; g < G; ++g) {
-          const int64_t at = (b0 + bb) * block_s + g * kLanes;
-          _mm256_storeu_ps(d.data() + g * kPanel + bb * kLanes, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sp + at))));
-          if (mp != nullptr)
-            _mm256_storeu_ps(mn.data() + g * kPanel + bb * kLanes, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mp + at))));
-        }
+        block_values_fp32(sp + (b0 + bb) * block_s, G, d.data() + bb * kLanes);
+        if (mp != nullptr) block_values_fp32(mp + (b0 + bb) * block_s, G, mn.data() + bb * kLanes);
       }
       // A half panel's second block keeps the previous panel's values: computed, never stored.
       int64_t m = 0;
@@ -669,11 +673,8 @@ void amx_int4_linear(int64_t M, int64_t K, int64_t NB, const float* x, const int
         for (int64_t bb = 0; bb < 2; ++bb) {  // a half panel's second block: the first's weights, never stored
           const int64_t b = bb < blocks ? b0 + bb : b0;
           unpack_block_bf16(qp + b * block_q, K, panel + j * K * kPanel, bb);
-          for (int64_t g = 0; g < G; ++g) {
-            const int64_t at = b * block_s + g * kLanes, to = (j * G + g) * kPanel + bb * kLanes;
-            _mm256_storeu_ps(d.data() + to, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sp + at))));
-            _mm256_storeu_ps(mn.data() + to, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mp + at))));
-          }
+          block_values_fp32(sp + b * block_s, G, d.data() + j * G * kPanel + bb * kLanes);
+          block_values_fp32(mp + b * block_s, G, mn.data() + j * G * kPanel + bb * kLanes);
         }
       }
       for (int64_t m0 = 0; m0 < Mp; m0 += kTileRows) {
